@@ -1,0 +1,23 @@
+"""The framework-free LRPET core: torch only.
+
+Public API:
+    rank rule and plan: :func:`rank_from_ratio`, :class:`LayerSpec`, :func:`build_rank_plan`, :class:`RankPlan`;
+    projection: :func:`lrpet_project`, :func:`project_layers_`, :class:`ConvBN`, :class:`LayerStats`;
+    factorisation: :class:`FactorizedConv2d`, :func:`factorize_`, :func:`build_factorized_`;
+    MACs: :func:`conv_macs`, :func:`factorized_macs`, :func:`factorization_saves`;
+    output sizes for planning: :func:`record_output_sizes`.
+"""
+from .factorize import FactorizedConv2d, build_factorized_, factorize_
+from .macs import conv_macs, factorization_saves, factorized_macs
+from .projection import ConvBN, LayerStats, bn_scale_of, compute_projection, lrpet_project, project_layers_
+from .schedule import LRPETProjector, ProjectionSummary
+from .rank import LayerPlan, LayerSpec, RankPlan, build_rank_plan, match_any, rank_from_ratio, select_names
+from .shapes import layer_specs, record_output_sizes
+
+__all__ = [
+    "rank_from_ratio", "LayerSpec", "LayerPlan", "RankPlan", "build_rank_plan", "match_any", "select_names",
+    "ConvBN", "LayerStats", "lrpet_project", "compute_projection", "project_layers_", "bn_scale_of",
+    "FactorizedConv2d", "factorize_", "build_factorized_",
+    "conv_macs", "factorized_macs", "factorization_saves",
+    "record_output_sizes", "layer_specs", "LRPETProjector", "ProjectionSummary",
+]

@@ -1,0 +1,260 @@
+"""One LRPET projection: BN rectification, low-rank projection, energy transfer (METHOD.md section 3).
+
+The expensive part is the top-k subspace of each weight. Instead of a full SVD per layer we take
+the eigendecomposition of the smaller Gram matrix in float32 and then re-solve, in float64, the
+handful of eigenvectors on either side of the rank cut (a Rayleigh-Ritz step on that window). The
+cut is the only place where float32 round-off can mix kept and dropped directions, so this gives
+float64-reference accuracy (``benchmarks/bench_projection.py`` measures it) at float32 cost.
+float64 weights take an all-float64 path.
+
+Example:
+    >>> import torch
+    >>> from lrpet_dense.core import lrpet_project
+    >>> w = torch.randn(64, 32, 3, 3)
+    >>> w2 = lrpet_project(w, 16, bn_scale=torch.rand(64) + 0.5)
+    >>> torch.linalg.matrix_rank(w2.reshape(64, -1)).item()
+    16
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .rank import RankPlan
+
+__all__ = ["ConvBN", "LayerStats", "lrpet_project", "project_layers_", "bn_scale_of", "compute_projection"]
+
+logger = logging.getLogger(__name__)
+
+# Half-width of the window of eigenvectors around the rank cut that is re-solved in float64.
+_WINDOW = 16
+
+
+class ConvBN(NamedTuple):
+    """A conv to project, with the BatchNorm that follows it (None when there is none)."""
+
+    name: str
+    conv: nn.Module
+    bn: Optional[nn.Module] = None
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What one projection did to one layer.
+
+    Attributes:
+        name: layer name.
+        rank: the rank projected onto.
+        full_rank: ``min(n, c*kh*kw)``.
+        energy_kept: ``sum_{i<=k} s_i^2 / sum_i s_i^2`` of the (BN-folded) weight, before ET.
+        rel_change: ``||W' - W||_F / ||W||_F``.
+    """
+
+    name: str
+    rank: int
+    full_rank: int
+    energy_kept: float
+    rel_change: float
+
+
+def bn_scale_of(bn: nn.Module, name: str = "") -> Tensor:
+    """``gamma / sqrt(running_var + eps)`` of a BatchNorm-like module (BN, SyncBN, FrozenBN).
+
+    Uses the running statistics, never batch statistics.
+    """
+    var = getattr(bn, "running_var", None)
+    if var is None or not hasattr(bn, "eps"):
+        raise ValueError(f"layer {name!r}: norm {type(bn).__name__} has no running statistics to rectify with")
+    scale = torch.rsqrt(var.detach().double() + float(bn.eps))
+    gamma = getattr(bn, "weight", None)
+    if gamma is not None:
+        scale = scale * gamma.detach().double()
+    return scale
+
+
+def _check_finite(t: Tensor, what: str, name: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"layer {name!r}: {what} contains {bad} NaN/Inf value(s); refusing to project it")
+
+
+def _topk_subspace(G: Tensor, k: int) -> Tensor:
+    """Orthonormal basis (m x k) of the top-k eigenspace of the symmetric PSD matrix ``G``."""
+    m = G.shape[0]
+    lam, Q = torch.linalg.eigh(G)  # ascending
+    if G.dtype == torch.float64:
+        return Q[:, m - k:]
+    lo, hi = max(0, m - k - _WINDOW), min(m, m - k + _WINDOW)
+    Qw, _ = torch.linalg.qr(Q[:, lo:hi].double())
+    _, Z = torch.linalg.eigh(Qw.T @ (G.double() @ Qw))
+    Qw = (Qw @ Z).to(G.dtype)
+    return torch.cat([Qw[:, m - k - lo:], Q[:, hi:]], dim=1)
+
+
+def _project_matrix(M: Tensor, k: int, energy_transfer: bool, residual: float) -> Tuple[Tensor, float]:
+    """LRP (+ET, + residual) of the matrix ``M``; returns the new matrix and the energy kept."""
+    n, d = M.shape
+    m = min(n, d)
+    total = torch.linalg.vector_norm(M, dtype=torch.float64).item() ** 2
+    if k >= m or total <= torch.finfo(M.dtype).tiny:
+        return M, 1.0  # nothing to cut, or an all-zero weight: leave it as it is
+    left = n <= d  # project onto row space from the smaller Gram matrix
+    Qk = _topk_subspace(M @ M.T if left else M.T @ M, k)
+    if left:
+        B = Qk.T @ M
+        Mk = Qk @ B
+    else:
+        B = M @ Qk
+        Mk = B @ Qk.T
+    kept = torch.linalg.vector_norm(B, dtype=torch.float64).item() ** 2
+    if kept <= 0.0:
+        return M, 0.0
+    if not energy_transfer:
+        return Mk + residual * (M - Mk) if residual else Mk, kept / total
+    tail = max(total - kept, 0.0)
+    alpha = math.sqrt(max(total - residual ** 2 * tail, 0.0) / kept)
+    out = Mk * alpha
+    if residual:
+        out = out + residual * (M - Mk)
+    return out, kept / total
+
+
+def _validate_args(ridge: float, residual: float) -> None:
+    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge (lambda) must be a finite number >= 0, got {ridge!r}")
+    if not (isinstance(residual, (int, float)) and 0.0 <= residual <= 1.0):
+        raise ValueError(f"residual factor r must lie in [0, 1], got {residual!r}")
+
+
+def compute_projection(
+    weight: Tensor,
+    rank: int,
+    *,
+    bn_scale: Optional[Tensor] = None,
+    energy_transfer: bool = True,
+    ridge: float = 1e-5,
+    residual: float = 0.0,
+    name: str = "weight",
+) -> Tuple[Tensor, float]:
+    """Like :func:`lrpet_project`, also returning the energy fraction kept before ET."""
+    _validate_args(ridge, residual)
+    if weight.dim() not in (2, 4):
+        raise ValueError(f"layer {name!r}: weight must be 2-D or 4-D, got shape {tuple(weight.shape)}")
+    n = weight.shape[0]
+    d = weight[0].numel()
+    m = min(n, d)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= m:
+        raise ValueError(f"layer {name!r}: rank must be an integer in [1, {m}] (full rank), got {rank!r}")
+    w = weight.detach()
+    _check_finite(w, "weight", name)
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    M = w.reshape(n, d).to(dtype)
+    a = None
+    if bn_scale is not None:
+        a = bn_scale.detach()
+        if a.shape != (n,):
+            raise ValueError(f"layer {name!r}: BN has {a.numel()} channels (shape {tuple(a.shape)}) but the "
+                             f"weight has {n} output channels")
+        _check_finite(a, "BN scale gamma/sqrt(var+eps)", name)
+        a = a.to(torch.float64)
+        if ridge == 0 and bool((a == 0).any()):
+            raise ValueError(f"layer {name!r}: BN scale has zeros and ridge=0, so W cannot be recovered; use ridge > 0")
+        M = M * a.to(dtype)[:, None]
+    if rank >= m:
+        return weight.detach().clone(), 1.0
+    out, kept = _project_matrix(M, rank, energy_transfer, residual)
+    if a is not None:
+        out = out * (a / (a * a + ridge)).to(dtype)[:, None]
+    return out.reshape(weight.shape).to(weight.dtype), kept
+
+
+def lrpet_project(
+    weight: Tensor,
+    rank: int,
+    *,
+    bn_scale: Optional[Tensor] = None,
+    energy_transfer: bool = True,
+    ridge: float = 1e-5,
+    residual: float = 0.0,
+) -> Tensor:
+    """Project one conv/linear weight onto rank ``rank`` the LRPET way.
+
+    Args:
+        weight: ``(n, c, kh, kw)`` or ``(n, d)`` weight; not modified.
+        rank: target rank ``k`` in ``[1, min(n, c*kh*kw)]``. ``k`` equal to the full rank returns a copy.
+        bn_scale: ``gamma / sqrt(running_var + eps)`` of the BN after the conv (``(n,)``), or None
+            for no BN rectification. Defaults to None.
+        energy_transfer: rescale the kept singular values so the Frobenius norm of the (folded)
+            weight is unchanged. Defaults to True.
+        ridge: ``lambda`` of the BN-rectified recovery ``W' = a / (a^2 + lambda) * M'``. Defaults to 1e-5.
+        residual: residual factor ``r`` in ``[0, 1]`` keeping ``r * s_i`` for ``i > k``. Defaults to 0.
+
+    Returns:
+        The new weight, same shape and dtype as ``weight``.
+    """
+    return compute_projection(weight, rank, bn_scale=bn_scale, energy_transfer=energy_transfer,
+                              ridge=ridge, residual=residual)[0]
+
+
+def project_layers_(
+    layers: Sequence[ConvBN],
+    plan: Union[RankPlan, Mapping[str, int]],
+    *,
+    energy_transfer: bool = True,
+    bn_rectification: bool = True,
+    ridge: float = 1e-5,
+    residual: float = 0.0,
+) -> List[LayerStats]:
+    """Project every planned layer in place, atomically.
+
+    All new weights are computed first; they are written (into the same ``Parameter`` objects, so
+    optimizers and DDP keep tracking them) only when every layer succeeded. An error on any layer
+    leaves every layer unchanged and names the layer.
+
+    Args:
+        layers: ``(name, conv, bn)`` triples from a framework adapter; layers not in ``plan`` are skipped.
+        plan: a :class:`RankPlan` or ``{name: rank}``. Every planned name must be in ``layers``.
+        energy_transfer: see :func:`lrpet_project`. Defaults to True.
+        bn_rectification: project the BN-folded weight for layers with a BN. Defaults to True.
+        ridge: see :func:`lrpet_project`. Defaults to 1e-5.
+        residual: see :func:`lrpet_project`. Defaults to 0.
+
+    Returns:
+        One :class:`LayerStats` per projected layer, in ``layers`` order.
+    """
+    _validate_args(ridge, residual)
+    ranks: Dict[str, int] = plan.ranks if isinstance(plan, RankPlan) else dict(plan)
+    by_name = {l.name: l for l in layers}
+    missing = [n for n in ranks if n not in by_name]
+    if missing:
+        raise ValueError(f"{len(missing)} planned layer(s) not found in the model: {missing[:5]}. "
+                         "The plan does not belong to this model.")
+    results = []
+    for name, conv, bn in layers:
+        if name not in ranks:
+            continue
+        if getattr(conv, "groups", 1) != 1:
+            raise ValueError(f"layer {name!r}: grouped/depthwise conv (groups={conv.groups}) cannot be "
+                             "projected; exclude it from the selection")
+        w = conv.weight
+        if isinstance(plan, RankPlan) and tuple(plan[name].shape) != tuple(w.shape) + (1,) * (4 - w.dim()):
+            raise ValueError(f"layer {name!r}: weight shape {tuple(w.shape)} differs from the plan's "
+                             f"{plan[name].shape}")
+        scale = bn_scale_of(bn, name) if (bn_rectification and bn is not None) else None
+        new, kept = compute_projection(w, ranks[name], bn_scale=scale, energy_transfer=energy_transfer,
+                                       ridge=ridge, residual=residual, name=name)
+        _check_finite(new, "projected weight", name)
+        old = w.detach()
+        denom = torch.linalg.vector_norm(old, dtype=torch.float64).item()
+        change = torch.linalg.vector_norm(new - old, dtype=torch.float64).item()
+        results.append((conv, new, LayerStats(name, ranks[name], min(w.shape[0], w[0].numel()), kept,
+                                              change / denom if denom > 0 else 0.0)))
+    with torch.no_grad():
+        for conv, new, _ in results:
+            conv.weight.copy_(new)
+    return [s for _, _, s in results]

@@ -1,0 +1,346 @@
+"""Rank rule, layer selection and the rank plan (METHOD.md section 2).
+
+The plan is plain data (name -> rank, with the shapes and output sizes that justify it), so it can
+be logged, saved in a checkpoint (loadable with ``torch.load(..., weights_only=True)``) and replayed
+to rebuild a factorised model before its weights are loaded.
+
+Example:
+    >>> from lrpet_dense.core import LayerSpec, build_rank_plan
+    >>> specs = [LayerSpec("conv1", (64, 64, 3, 3), (56, 56)), LayerSpec("conv2", (256, 64, 1, 1), (56, 56))]
+    >>> plan = build_rank_plan(specs, ratio=0.25)
+    >>> plan.ranks
+    {'conv1': 48, 'conv2': 48}
+    >>> plan2 = build_rank_plan(specs, target_macs_cut=0.3)  # solve the one ratio p for a 30% cut
+    >>> plan2.reached_macs_cut >= 0.3
+    True
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from .macs import conv_macs, factorized_macs, factorization_saves
+
+__all__ = [
+    "rank_from_ratio",
+    "LayerSpec",
+    "LayerPlan",
+    "RankPlan",
+    "build_rank_plan",
+    "match_any",
+    "select_names",
+]
+
+# Ratios the MAC solver may return lie on this grid (1e-4), so they read and log cleanly.
+_RATIO_GRID = 10_000
+
+
+def _check_ratio(ratio: float, what: str = "ratio") -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        raise ValueError(f"{what} must be a number in [0, 1), got {ratio!r}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{what} must lie in [0, 1) (the fraction of the rank to prune), got {ratio!r}")
+    return float(ratio)
+
+
+def rank_from_ratio(full_rank: int, ratio: float) -> int:
+    """The LRPET rank rule ``k = max(1, floor(m * (1 - p)))``, with an exact floor.
+
+    ``p`` is read as the decimal it prints as (``repr``), so float round-off cannot flip the floor:
+    ``rank_from_ratio(64, 0.25) == 48`` and ``rank_from_ratio(10, 0.1) == 9``.
+
+    Args:
+        full_rank: ``m = min(n, c*kh*kw)``, at least 1.
+        ratio: rank pruning ratio ``p`` in ``[0, 1)``.
+
+    Returns:
+        The rank ``k`` in ``[1, m]``.
+    """
+    if isinstance(full_rank, bool) or not isinstance(full_rank, int) or full_rank < 1:
+        raise ValueError(f"full_rank must be a positive integer, got {full_rank!r}")
+    p = Fraction(repr(_check_ratio(ratio)))
+    return max(1, math.floor(full_rank * (1 - p)))
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the planner needs to know about one conv: its name, weight shape and output size.
+
+    Args:
+        name: fully-qualified module name.
+        shape: weight shape ``(n, c, kh, kw)`` (``groups == 1``).
+        out_hw: spatial size of the conv's output for the planning input, or None when unknown
+            (the layer then gets a rank but does not count towards the MAC objective).
+    """
+
+    name: str
+    shape: Tuple[int, int, int, int]
+    out_hw: Optional[Tuple[int, int]] = None
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.shape)
+        if len(shape) == 2:
+            shape = shape + (1, 1)
+        if len(shape) != 4 or min(shape) < 1:
+            raise ValueError(f"layer {self.name!r}: weight shape must be (n, c, kh, kw), got {self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+        if self.out_hw is not None:
+            object.__setattr__(self, "out_hw", tuple(int(s) for s in self.out_hw))
+
+    @property
+    def full_rank(self) -> int:
+        n, c, kh, kw = self.shape
+        return min(n, c * kh * kw)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's entry in a :class:`RankPlan`."""
+
+    name: str
+    shape: Tuple[int, int, int, int]
+    rank: int
+    ratio: float
+    out_hw: Optional[Tuple[int, int]] = None
+
+    @property
+    def full_rank(self) -> int:
+        n, c, kh, kw = self.shape
+        return min(n, c * kh * kw)
+
+    @property
+    def factorize(self) -> bool:
+        """Whether two thin convs cost fewer MACs than the dense one (METHOD.md section 5)."""
+        return factorization_saves(self.shape, self.rank)
+
+    @property
+    def macs_before(self) -> Optional[int]:
+        return None if self.out_hw is None else conv_macs(self.shape, self.out_hw)
+
+    @property
+    def macs_after(self) -> Optional[int]:
+        if self.out_hw is None:
+            return None
+        if self.factorize:
+            return factorized_macs(self.shape, self.rank, self.out_hw)
+        return conv_macs(self.shape, self.out_hw)
+
+
+@dataclass
+class RankPlan:
+    """Which layer gets which rank, as data.
+
+    Attributes:
+        layers: ordered mapping name -> :class:`LayerPlan`.
+        ratio: the global ratio ``p`` (given or solved).
+        target_macs_cut: the requested MAC cut when ``ratio`` was solved, else None.
+        reference_macs: the MACs the cut is measured against (e.g. the whole backbone's convs).
+    """
+
+    layers: Dict[str, LayerPlan]
+    ratio: float
+    target_macs_cut: Optional[float] = None
+    reference_macs: Optional[int] = None
+    overrides: Dict[str, float] = field(default_factory=dict)
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def ranks(self) -> Dict[str, int]:
+        return {name: lp.rank for name, lp in self.layers.items()}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layers
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        return self.layers[name]
+
+    @property
+    def macs_before(self) -> int:
+        return sum(lp.macs_before or 0 for lp in self.layers.values())
+
+    @property
+    def macs_after(self) -> int:
+        return sum(lp.macs_after or 0 for lp in self.layers.values())
+
+    @property
+    def reached_macs_cut(self) -> float:
+        """Fraction of ``reference_macs`` (default: the planned layers' MACs) removed by the plan."""
+        ref = self.reference_macs or self.macs_before
+        return 0.0 if ref == 0 else (self.macs_before - self.macs_after) / ref
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain data (str, int, float, list, dict, None): safe for ``weights_only`` loading and JSON."""
+        return {
+            "version": 1,
+            "ratio": self.ratio,
+            "target_macs_cut": self.target_macs_cut,
+            "reference_macs": self.reference_macs,
+            "overrides": dict(self.overrides),
+            "layers": [
+                {"name": lp.name, "shape": list(lp.shape), "rank": lp.rank, "ratio": lp.ratio,
+                 "out_hw": None if lp.out_hw is None else list(lp.out_hw)}
+                for lp in self.layers.values()
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "RankPlan":
+        try:
+            if data.get("version") != 1:
+                raise ValueError(f"unsupported plan version {data.get('version')!r}")
+            layers = {}
+            for e in data["layers"]:
+                lp = LayerPlan(str(e["name"]), tuple(int(s) for s in e["shape"]), int(e["rank"]), float(e["ratio"]),
+                               None if e.get("out_hw") is None else tuple(int(s) for s in e["out_hw"]))
+                if not 1 <= lp.rank <= lp.full_rank:
+                    raise ValueError(f"layer {lp.name!r}: rank {lp.rank} outside [1, {lp.full_rank}]")
+                layers[lp.name] = lp
+            return cls(layers, float(data["ratio"]), data.get("target_macs_cut"), data.get("reference_macs"),
+                       dict(data.get("overrides") or {}))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not a valid LRPET rank plan: {e!r}") from e
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path: str) -> "RankPlan":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def format_table(self) -> str:
+        """A plain-text table (layer, shape, rank, factorised, MACs before/after) for logs."""
+        head = ("layer", "shape (n,c,kh,kw)", "rank/full", "factorise", "MMACs before", "MMACs after")
+        rows = []
+        for lp in self.layers.values():
+            mb, ma = lp.macs_before, lp.macs_after
+            rows.append((lp.name, "x".join(map(str, lp.shape)), f"{lp.rank}/{lp.full_rank}",
+                         "yes" if lp.factorize else "no",
+                         "-" if mb is None else f"{mb / 1e6:.1f}", "-" if ma is None else f"{ma / 1e6:.1f}"))
+        rows.append(("total", "", "", "", f"{self.macs_before / 1e6:.1f}", f"{self.macs_after / 1e6:.1f}"))
+        widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+        fmt = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths))  # noqa: E731
+        lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        cut = f"ratio p={self.ratio:g}; MAC cut {self.reached_macs_cut:.1%}"
+        if self.target_macs_cut is not None:
+            cut += f" (target {self.target_macs_cut:.1%})"
+        return "\n".join(lines + [cut])
+
+
+def match_any(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``name`` matches any of the fnmatch-style ``patterns`` (``*`` spans dots)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_names(names: Sequence[str], include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> List[str]:
+    """Names matching some include pattern and no exclude pattern, in their original order.
+
+    Raises:
+        ValueError: an include pattern matches no name (a typo would otherwise silently select
+            nothing).
+    """
+    include, exclude = list(include), list(exclude)
+    for p in include:
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            raise ValueError(
+                f"include pattern {p!r} matches no candidate layer; candidates look like "
+                f"{list(names[:3])!r}. Fix the pattern (fnmatch syntax, '*' spans dots).")
+    return [n for n in names if match_any(n, include) and not match_any(n, exclude)]
+
+
+def _ratio_of(name: str, ratio: float, overrides: Mapping[str, float]) -> float:
+    for pattern, r in overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return r
+    return ratio
+
+
+def _plan_for(specs: Sequence[LayerSpec], ratio: float, overrides: Mapping[str, float]) -> Dict[str, LayerPlan]:
+    out = {}
+    for s in specs:
+        r = _ratio_of(s.name, ratio, overrides)
+        out[s.name] = LayerPlan(s.name, s.shape, rank_from_ratio(s.full_rank, r), r, s.out_hw)
+    return out
+
+
+def build_rank_plan(
+    layers: Sequence[LayerSpec],
+    ratio: Optional[float] = None,
+    *,
+    target_macs_cut: Optional[float] = None,
+    overrides: Optional[Mapping[str, float]] = None,
+    reference_macs: Optional[int] = None,
+) -> RankPlan:
+    """Compute the rank of every layer from one ratio, or solve the ratio for a MAC cut.
+
+    Args:
+        layers: the selected layers.
+        ratio: the one rank pruning ratio ``p`` in ``[0, 1)``. Exactly one of ``ratio`` and
+            ``target_macs_cut`` must be given.
+        target_macs_cut: wanted fraction in ``(0, 1)`` of ``reference_macs`` to remove. The solver
+            returns the smallest ``p`` on a 1e-4 grid whose plan reaches it (the MAC cut is
+            monotone in ``p``), counting factorised MACs only where factorising saves MACs.
+        overrides: ``{fnmatch pattern: ratio}``; the first matching pattern sets a layer's ratio
+            (these layers keep it while the global ratio is solved). Each pattern must match a layer.
+        reference_macs: MACs the cut is a fraction of; defaults to the MACs of ``layers`` that have
+            an output size. Pass e.g. the whole backbone's conv MACs to include unselected layers.
+
+    Returns:
+        The :class:`RankPlan`; ``plan.reached_macs_cut`` is the cut actually reached.
+    """
+    if (ratio is None) == (target_macs_cut is None):
+        raise ValueError("give exactly one of ratio and target_macs_cut")
+    specs = list(layers)
+    if not specs:
+        raise ValueError("no layers to plan: the layer selection is empty")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate layer names in the plan input")
+    overrides = dict(overrides or {})
+    for pattern, r in overrides.items():
+        _check_ratio(r, f"override ratio for {pattern!r}")
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(f"override pattern {pattern!r} matches no selected layer")
+
+    if ratio is not None:
+        ratio = _check_ratio(ratio)
+        return RankPlan(_plan_for(specs, ratio, overrides), ratio, None, reference_macs, overrides)
+
+    if isinstance(target_macs_cut, bool) or not isinstance(target_macs_cut, (int, float)) or not 0 < target_macs_cut < 1:
+        raise ValueError(f"target_macs_cut must lie in (0, 1), got {target_macs_cut!r}")
+    if not any(s.out_hw is not None for s in specs):
+        raise ValueError("target_macs_cut needs the layers' output sizes (LayerSpec.out_hw); none is known")
+
+    def cut(i: int) -> Tuple[float, Dict[str, LayerPlan]]:
+        plan = RankPlan(_plan_for(specs, i / _RATIO_GRID, overrides), i / _RATIO_GRID, None, reference_macs)
+        return plan.reached_macs_cut, plan.layers
+
+    lo, hi = 0, _RATIO_GRID - 1
+    best, best_layers = cut(hi)
+    if best < target_macs_cut:
+        raise ValueError(
+            f"target_macs_cut={target_macs_cut:.4f} cannot be reached: the largest ratio p={hi / _RATIO_GRID} "
+            f"cuts {best:.4f} of the reference MACs (layers where factorising saves nothing stay dense). "
+            "Lower the target, select more layers, or remove overrides.")
+    while lo < hi:  # smallest grid ratio whose cut reaches the target
+        mid = (lo + hi) // 2
+        c, _ = cut(mid)
+        if c >= target_macs_cut:
+            hi = mid
+        else:
+            lo = mid + 1
+    _, plan_layers = cut(lo)
+    return RankPlan(plan_layers, lo / _RATIO_GRID, float(target_macs_cut), reference_macs, overrides)

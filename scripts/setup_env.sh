@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv/ at the repository root and install the whole stack into it:
+# torch, torchvision, detectron2, mmcv (with its compiled ops), mmengine, mmsegmentation,
+# pycocotools, fvcore and this package (editable, with its dev extras).
+#
+# detectron2 is not on PyPI and mmcv 2.1.0 has no PyPI wheel for torch 2.14. They come from a
+# wheelhouse when one is found (LRPET_WHEELHOUSE, else ../shared/third_party/wheels beside the
+# checkout); otherwise they are built from source: detectron2 from LRPET_DETECTRON2_SRC (a path,
+# archive or git URL; default: the upstream repository) and mmcv from PyPI's sdist (slow: ~7 min
+# on 2 cores). Wheels only fit the torch they were built against, hence the torch pin below.
+#
+# Usage: bash scripts/setup_env.sh            (idempotent: a second run installs nothing new)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+VENV="$ROOT/.venv"
+TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
+FRAMEWORK_PINS=(detectron2==0.6 mmcv==2.1.0)
+start=$(date +%s)
+log() { echo "[setup_env $(( $(date +%s) - start ))s] $*"; }
+
+[ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
+VPY="$VENV/bin/python"
+pip_install() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if [ -f "$VENV/.lrpet_stack_ok" ] && "$VPY" -c "import detectron2, mmcv.ops, mmseg" 2>/dev/null; then
+  log "framework stack already installed"
+else
+  log "installing build tools and torch"
+  # setuptools<81: detectron2.model_zoo and mmcv's setup.py still import pkg_resources.
+  pip_install --upgrade pip 'setuptools<81' wheel ninja
+  pip_install "${TORCH_PINS[@]}"
+
+  WHEELHOUSE=${LRPET_WHEELHOUSE:-}
+  if [ -z "$WHEELHOUSE" ] && [ -d "$ROOT/../shared/third_party/wheels" ]; then
+    WHEELHOUSE=$(cd "$ROOT/../shared/third_party/wheels" && pwd)
+  fi
+  if [ -n "$WHEELHOUSE" ] && ls "$WHEELHOUSE"/detectron2-*.whl "$WHEELHOUSE"/mmcv-*.whl >/dev/null 2>&1; then
+    log "installing detectron2 and mmcv from wheelhouse $WHEELHOUSE"
+    pip_install --find-links "$WHEELHOUSE" "${FRAMEWORK_PINS[@]}"
+  else
+    log "no wheelhouse found: building detectron2 and mmcv from source (slow)"
+    D2_SRC=${LRPET_DETECTRON2_SRC:-git+https://github.com/facebookresearch/detectron2.git}
+    pip_install --no-build-isolation "$D2_SRC"
+    WORK=$(mktemp -d)
+    "$VPY" -m pip download -q --no-deps --no-binary :all: mmcv==2.1.0 -d "$WORK"
+    tar xzf "$WORK"/mmcv-2.1.0.tar.gz -C "$WORK"
+    # torch >= 2.x headers need C++20; mmcv 2.1.0's setup.py asks for C++17.
+    sed -i 's/-std=c++17/-std=c++20/g' "$WORK"/mmcv-2.1.0/setup.py
+    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation "$WORK"/mmcv-2.1.0
+    rm -rf "$WORK"
+  fi
+  log "installing mmengine, mmsegmentation and this package"
+  # ftfy and regex: mmsegmentation imports them without declaring them.
+  pip_install -e "$ROOT[all]"
+  touch "$VENV/.lrpet_stack_ok"
+fi
+# Always refresh the editable install (cheap) so new entry points / extras are picked up.
+pip_install --no-deps -e "$ROOT"
+"$VPY" - <<'PY'
+import torch, torchvision, detectron2, mmcv, mmengine, mmseg, fvcore, pycocotools  # noqa: F401
+import detectron2._C, mmcv.ops  # noqa: F401  compiled ops must import
+import lrpet_dense
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, detectron2 {detectron2.__version__}, "
+      f"mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, mmseg {mmseg.__version__}, "
+      f"lrpet_dense {lrpet_dense.__version__}")
+PY
+log "done"

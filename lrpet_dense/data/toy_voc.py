@@ -1,0 +1,157 @@
+"""Generate a small, deterministic PASCAL VOC-format dataset of drawn shapes.
+
+It writes what the frameworks' real VOC loaders and evaluators read: JPEG images, XML box
+annotations, ``SegmentationClass`` PNGs (palette PNGs holding class indices, 255 on object
+borders) and ``ImageSets`` split files, as a ``VOCdevkit`` with a ``VOC2007`` folder (detection:
+``Main`` splits ``train``/``val``/``trainval``/``test``) and a ``VOC2012`` folder (segmentation:
+``Segmentation`` splits ``train``/``val``/``trainval``; also ``Main`` splits).
+
+Every object belongs to one of :data:`TOY_CLASSES` (a subset of the 20 VOC classes, so the
+standard 20-class heads and evaluators are used unchanged); each class has its own shape and
+colour so a model can learn it quickly.
+
+Usage::
+
+    python -m lrpet_dense.data.toy_voc OUT_DIR [--train 48] [--test 16] [--size 160]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+from typing import Dict, List, Sequence, Tuple
+from xml.sax.saxutils import escape
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["VOC_CLASSES", "TOY_CLASSES", "make_toy_voc"]
+
+logger = logging.getLogger(__name__)
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+# class -> (shape, RGB colour)
+_STYLE: Dict[str, Tuple[str, Tuple[int, int, int]]] = {
+    "car": ("rectangle", (220, 40, 40)),
+    "cat": ("ellipse", (40, 200, 60)),
+    "dog": ("triangle", (40, 80, 230)),
+}
+TOY_CLASSES = tuple(_STYLE)
+
+
+def _palette() -> List[int]:
+    # The standard VOC colour map (bit-interleaved), so the PNGs look like real VOC masks.
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def _draw_scene(rng: random.Random, size: int):
+    img = Image.new("RGB", (size, size))
+    # textured background: smooth gradient plus noise, so the task is not trivial
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = np.stack([(xx * rng.uniform(0.2, 0.6)) % 120 + 60, (yy * rng.uniform(0.2, 0.6)) % 120 + 60,
+                     np.full_like(xx, rng.randint(60, 180))], -1).astype(np.float32)
+    noise = np.random.default_rng(rng.randint(0, 2**31)).normal(0, 12, base.shape)
+    img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+    mask = Image.new("L", (size, size), 0)
+    d_img, d_mask = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+    objects = []
+    for _ in range(rng.randint(1, 3)):
+        cls = rng.choice(TOY_CLASSES)
+        shape, colour = _STYLE[cls]
+        w, h = rng.randint(size // 5, size // 2), rng.randint(size // 5, size // 2)
+        x0, y0 = rng.randint(0, size - w - 1), rng.randint(0, size - h - 1)
+        box = (x0, y0, x0 + w, y0 + h)
+        colour = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in colour)
+        label = VOC_CLASSES.index(cls) + 1
+        if shape == "rectangle":
+            d_img.rectangle(box, fill=colour)
+            d_mask.rectangle(box, fill=label, outline=255, width=2)
+        elif shape == "ellipse":
+            d_img.ellipse(box, fill=colour)
+            d_mask.ellipse(box, fill=label, outline=255, width=2)
+        else:
+            tri = [(x0, y0 + h), (x0 + w, y0 + h), (x0 + w // 2, y0)]
+            d_img.polygon(tri, fill=colour)
+            d_mask.polygon(tri, fill=label, outline=255)
+        objects.append((cls, box))
+    return img, mask, objects
+
+
+def _xml(image_id: str, size: int, objects: Sequence[Tuple[str, Tuple[int, int, int, int]]], folder: str) -> str:
+    objs = "".join(
+        f"<object><name>{escape(c)}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>"
+        f"<bndbox><xmin>{b[0] + 1}</xmin><ymin>{b[1] + 1}</ymin><xmax>{b[2] + 1}</xmax><ymax>{b[3] + 1}</ymax>"
+        f"</bndbox></object>" for c, b in objects)
+    return (f"<annotation><folder>{folder}</folder><filename>{image_id}.jpg</filename>"
+            f"<size><width>{size}</width><height>{size}</height><depth>3</depth></size>"
+            f"<segmented>1</segmented>{objs}</annotation>\n")
+
+
+def make_toy_voc(root: str, num_train: int = 48, num_test: int = 16, size: int = 160, seed: int = 0) -> str:
+    """Write ``root/VOCdevkit/VOC2007`` and ``root/VOCdevkit/VOC2012`` and return ``root/VOCdevkit``.
+
+    Deterministic for a given ``(num_train, num_test, size, seed)``. Existing files are overwritten.
+
+    Args:
+        root: output folder (created).
+        num_train: images in the ``train``/``trainval`` splits. Defaults to 48.
+        num_test: images in ``test`` (VOC2007) / ``val`` (VOC2012). Defaults to 16.
+        size: square image side in pixels. Defaults to 160.
+        seed: random seed. Defaults to 0.
+    """
+    if num_train < 1 or num_test < 1 or size < 32:
+        raise ValueError(f"need num_train >= 1, num_test >= 1, size >= 32; got {num_train}, {num_test}, {size}")
+    devkit = os.path.join(root, "VOCdevkit")
+    pal = _palette()
+    for year in ("2007", "2012"):
+        rng = random.Random(f"{seed}-{year}")
+        base = os.path.join(devkit, f"VOC{year}")
+        for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Main", "ImageSets/Segmentation"):
+            os.makedirs(os.path.join(base, sub), exist_ok=True)
+        ids = [f"{year}_{i:06d}" for i in range(num_train + num_test)]
+        for image_id in ids:
+            img, mask, objects = _draw_scene(rng, size)
+            img.save(os.path.join(base, "JPEGImages", image_id + ".jpg"), quality=95)
+            mask.putpalette(pal)
+            mask.save(os.path.join(base, "SegmentationClass", image_id + ".png"))
+            with open(os.path.join(base, "Annotations", image_id + ".xml"), "w") as f:
+                f.write(_xml(image_id, size, objects, f"VOC{year}"))
+        train, test = ids[:num_train], ids[num_train:]
+        splits = {"train": train, "trainval": train, "val": test, "test": test}
+        for split, split_ids in splits.items():
+            for sub in ("Main", "Segmentation"):
+                with open(os.path.join(base, "ImageSets", sub, split + ".txt"), "w") as f:
+                    f.write("\n".join(split_ids) + "\n")
+    logger.info("wrote a toy VOC dataset (%d train, %d test images of %dpx) to %s", num_train, num_test, size, devkit)
+    return devkit
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root")
+    parser.add_argument("--train", type=int, default=48)
+    parser.add_argument("--test", type=int, default=16)
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    make_toy_voc(args.root, args.train, args.test, args.size, args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -83,42 +83,78 @@ def _check_finite(t: Tensor, what: str, name: str) -> None:
         raise ValueError(f"layer {name!r}: {what} contains {bad} NaN/Inf value(s); refusing to project it")
 
 
-def _topk_subspace(G: Tensor, k: int) -> Tensor:
-    """Orthonormal basis (m x k) of the top-k eigenspace of the symmetric PSD matrix ``G``."""
+def _sq_norm(t: Tensor) -> float:
+    """Squared Frobenius norm as a Python float, without a float64 copy of ``t``.
+
+    ``sum`` uses cascade summation (relative error ~1e-8 here); float32 ``vector_norm`` does not
+    (~1e-3 on a ResNet-50 layer), which would corrupt the energy-transfer factor.
+    """
+    return t.square().sum().item()
+
+
+def _gram_upper(M: Tensor, left: bool) -> Tensor:
+    """Upper triangle of the smaller Gram matrix (``M M^T`` or ``M^T M``), in row blocks.
+
+    Only the blocks on and above the diagonal are multiplied: ~35% fewer flops than a full GEMM
+    for the large layers. The lower triangle is left unset (``eigh`` reads ``UPLO='U'``).
+    """
+    A = M if left else M.T
+    m = A.shape[0]
+    blocks = 4 if m >= 256 else 1
+    if blocks == 1:
+        return A @ A.T
+    G = torch.empty(m, m, dtype=A.dtype, device=A.device)
+    step = -(-m // blocks)
+    for i in range(0, m, step):
+        G[i:i + step, i:] = A[i:i + step] @ A[i:].T
+    return G
+
+
+def _subspace(G: Tensor, k: int, top: bool) -> Tensor:
+    """Orthonormal basis of the top-k (``top``) or bottom-(m-k) eigenspace of ``G`` (upper triangle set).
+
+    float32 ``G``: the eigenvectors from float32 ``eigh`` are re-solved in float64 in a window of
+    ``2 * _WINDOW`` vectors around the cut (Rayleigh-Ritz), where round-off mixes kept and dropped
+    directions; float64 ``G`` is solved exactly.
+    """
     m = G.shape[0]
-    lam, Q = torch.linalg.eigh(G)  # ascending
-    if G.dtype == torch.float64:
-        return Q[:, m - k:]
-    lo, hi = max(0, m - k - _WINDOW), min(m, m - k + _WINDOW)
-    Qw, _ = torch.linalg.qr(Q[:, lo:hi].double())
-    _, Z = torch.linalg.eigh(Qw.T @ (G.double() @ Qw))
-    Qw = (Qw @ Z).to(G.dtype)
-    return torch.cat([Qw[:, m - k - lo:], Q[:, hi:]], dim=1)
+    _, Q = torch.linalg.eigh(G, UPLO="U")  # ascending eigenvalues
+    cut = m - k
+    if G.dtype != torch.float64:
+        lo, hi = max(0, cut - _WINDOW), min(m, cut + _WINDOW)
+        Qw, _ = torch.linalg.qr(Q[:, lo:hi].double())
+        G64 = torch.triu(G).double()
+        G64 = G64 + torch.triu(G64, 1).T
+        _, Z = torch.linalg.eigh(Qw.T @ (G64 @ Qw))
+        Qw = (Qw @ Z).to(G.dtype)
+        return torch.cat([Qw[:, cut - lo:], Q[:, hi:]], 1) if top else torch.cat([Q[:, :lo], Qw[:, :cut - lo]], 1)
+    return Q[:, cut:] if top else Q[:, :cut]
 
 
-def _project_matrix(M: Tensor, k: int, energy_transfer: bool, residual: float) -> Tuple[Tensor, float]:
-    """LRP (+ET, + residual) of the matrix ``M``; returns the new matrix and the energy kept."""
+def _project_matrix(M: Tensor, k: int, energy_transfer: bool, residual: float, total: float) -> Tuple[Tensor, float]:
+    """LRP (+ET, + residual) of ``M`` whose squared norm is ``total``; returns the result and energy kept."""
     n, d = M.shape
     m = min(n, d)
-    total = torch.linalg.vector_norm(M, dtype=torch.float64).item() ** 2
     if k >= m or total <= torch.finfo(M.dtype).tiny:
         return M, 1.0  # nothing to cut, or an all-zero weight: leave it as it is
-    left = n <= d  # project onto row space from the smaller Gram matrix
-    Qk = _topk_subspace(M @ M.T if left else M.T @ M, k)
-    if left:
-        B = Qk.T @ M
-        Mk = Qk @ B
+    left = n <= d  # work with the smaller Gram matrix
+    # Multiply by whichever of the kept (k) or dropped (m - k) bases is thinner.
+    top = k <= m - k
+    Q = _subspace(_gram_upper(M, left), k, top)
+    B = Q.T @ M if left else M @ Q
+    part = Q @ B if left else B @ Q.T
+    energy = _sq_norm(B)
+    if top:
+        Mk, kept = part, energy
     else:
-        B = M @ Qk
-        Mk = B @ Qk.T
-    kept = torch.linalg.vector_norm(B, dtype=torch.float64).item() ** 2
+        Mk, kept = M - part, max(total - energy, 0.0)
     if kept <= 0.0:
         return M, 0.0
-    if not energy_transfer:
-        return Mk + residual * (M - Mk) if residual else Mk, kept / total
-    tail = max(total - kept, 0.0)
-    alpha = math.sqrt(max(total - residual ** 2 * tail, 0.0) / kept)
-    out = Mk * alpha
+    alpha = 1.0
+    if energy_transfer:
+        tail = max(total - kept, 0.0)
+        alpha = math.sqrt(max(total - residual ** 2 * tail, 0.0) / kept)
+    out = Mk * alpha if alpha != 1.0 else Mk
     if residual:
         out = out + residual * (M - Mk)
     return out, kept / total
@@ -151,9 +187,10 @@ def compute_projection(
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= m:
         raise ValueError(f"layer {name!r}: rank must be an integer in [1, {m}] (full rank), got {rank!r}")
     w = weight.detach()
-    _check_finite(w, "weight", name)
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     M = w.reshape(n, d).to(dtype)
+    if not math.isfinite(_sq_norm(M)):  # NaN/Inf when some entry is (or huge): then look closer
+        _check_finite(w, "weight", name)
     a = None
     if bn_scale is not None:
         a = bn_scale.detach()
@@ -167,7 +204,10 @@ def compute_projection(
         M = M * a.to(dtype)[:, None]
     if rank >= m:
         return weight.detach().clone(), 1.0
-    out, kept = _project_matrix(M, rank, energy_transfer, residual)
+    total = _sq_norm(M)
+    if not math.isfinite(total):
+        raise ValueError(f"layer {name!r}: weight norm overflows {dtype}; the weight has diverged")
+    out, kept = _project_matrix(M, rank, energy_transfer, residual, total)
     if a is not None:
         out = out * (a / (a * a + ridge)).to(dtype)[:, None]
     return out.reshape(weight.shape).to(weight.dtype), kept

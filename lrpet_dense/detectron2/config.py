@@ -1,0 +1,120 @@
+"""The ``cfg.LRPET`` config subtree, and the toy VOC dataset names used by the toy config.
+
+Usage (as in ``tools/train_det.py``)::
+
+    cfg = get_cfg()
+    add_lrpet_config(cfg)
+    cfg.merge_from_file("configs/faster_rcnn_lrpet.yaml")
+
+Toy dataset: ``configs/toy/faster_rcnn_lrpet_toy.yaml`` trains on ``voc_toy_2007_train`` and tests on
+``voc_toy_2007_test``. They are registered with detectron2's own :func:`register_pascal_voc` by
+:func:`register_toy_voc`, which ``tools/train_det.py`` calls when the environment variable
+``LRPET_TOY_VOC`` names a ``VOCdevkit`` folder (as written by
+``python -m lrpet_dense.data.toy_voc OUT_DIR``: ``LRPET_TOY_VOC=OUT_DIR/VOCdevkit``), in the same way
+detectron2 registers ``voc_2007_*`` under ``DETECTRON2_DATASETS``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_lrpet_config", "overrides_from_cfg", "register_toy_voc", "register_toy_voc_from_env", "TOY_VOC_ENV"]
+
+logger = logging.getLogger(__name__)
+
+TOY_VOC_ENV = "LRPET_TOY_VOC"
+
+
+def add_lrpet_config(cfg: CN) -> None:
+    """Add the ``cfg.LRPET`` subtree (LRPET low-rank training) to a detectron2 config, in place.
+
+    Only adds keys; the LRPET configs also set ``MODEL.META_ARCHITECTURE: "LRPETGeneralizedRCNN"``
+    so that compressed checkpoints load (see :mod:`lrpet_dense.detectron2.deploy`).
+
+    Args:
+        cfg: a detectron2 config from ``get_cfg()``.
+    """
+    _C = cfg
+    _C.LRPET = CN()
+    # Whether to project the selected convs during training (bool). False trains the plain model.
+    _C.LRPET.ENABLED = False
+    # One rank pruning ratio p in [0, 1): rank k = max(1, floor(full_rank * (1 - p))). Used when
+    # TARGET_MACS_CUT is 0.
+    _C.LRPET.RATIO = 0.5
+    # Fraction in (0, 1) of the ResNet backbone's conv MACs to remove; the core solves one ratio p
+    # for it (overrides keep their ratios). 0 disables the solver and uses RATIO.
+    _C.LRPET.TARGET_MACS_CUT = 0.0
+    # Per-layer ratio overrides as a flat list [pattern, ratio, pattern, ratio, ...] (fnmatch
+    # patterns over module names, '*' spans dots; first match wins), e.g. ["backbone.res4.*", 0.6].
+    _C.LRPET.OVERRIDES = []
+    # fnmatch patterns of convs to project. Empty = the ResNet that is trained: "backbone.*" and,
+    # in C4 models, "roi_heads.res5.*"; "backbone.bottom_up.*" for FPN models.
+    _C.LRPET.INCLUDE = []
+    # fnmatch patterns of convs never to project (applied after INCLUDE).
+    _C.LRPET.EXCLUDE = []
+    # Whether convs frozen by MODEL.BACKBONE.FREEZE_AT (no gradient) are projected too (bool).
+    # Default False: projecting a frozen layer is a one-shot truncation it cannot recover from.
+    _C.LRPET.INCLUDE_FROZEN = False
+    # Project after every INTERVAL optimizer steps (int > 0), and always after the last step.
+    _C.LRPET.INTERVAL = 500
+    # No projection before this many steps have been taken (int >= 0).
+    _C.LRPET.BEGIN = 0
+    # Energy transfer: rescale kept singular values to keep the Frobenius norm (bool).
+    _C.LRPET.ENERGY_TRANSFER = True
+    # BN rectification: project the BN-folded weight, using running statistics (bool).
+    _C.LRPET.BN_RECTIFICATION = True
+    # Ridge lambda (>= 0) of the BN-rectified recovery W' = a / (a^2 + lambda) * M'.
+    _C.LRPET.RIDGE = 1e-5
+    # Residual factor r in [0, 1] for the dropped singular values (0 = the paper's formula).
+    _C.LRPET.RESIDUAL = 0.0
+    # Input (H, W) of the dummy backbone forward that measures conv output sizes for the MAC plan.
+    # (0, 0) = (INPUT.MIN_SIZE_TEST, INPUT.MIN_SIZE_TEST).
+    _C.LRPET.PLAN_INPUT_SIZE = (0, 0)
+
+
+def overrides_from_cfg(cfg: CN) -> dict:
+    """``cfg.LRPET.OVERRIDES`` (flat ``[pattern, ratio, ...]`` list) as ``{pattern: ratio}``."""
+    flat = list(cfg.LRPET.OVERRIDES)
+    if len(flat) % 2:
+        raise ValueError(f"LRPET.OVERRIDES must be a flat list [pattern, ratio, pattern, ratio, ...], got {flat!r}")
+    out = {}
+    for pattern, ratio in zip(flat[::2], flat[1::2]):
+        if not isinstance(pattern, str):
+            raise ValueError(f"LRPET.OVERRIDES: pattern must be a string, got {pattern!r}")
+        out[pattern] = float(ratio)
+    return out
+
+
+def register_toy_voc(devkit: str, prefix: str = "voc_toy_2007") -> None:
+    """Register ``{prefix}_{train,val,trainval,test}`` for ``devkit/VOC2007`` with detectron2's VOC loader.
+
+    Idempotent: names already registered are left as they are.
+
+    Args:
+        devkit: a ``VOCdevkit`` folder holding ``VOC2007`` (e.g. from :func:`lrpet_dense.data.toy_voc.make_toy_voc`).
+        prefix: dataset name prefix. Defaults to ``"voc_toy_2007"``.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_pascal_voc
+
+    dirname = os.path.join(devkit, "VOC2007")
+    if not os.path.isdir(dirname):
+        raise FileNotFoundError(f"{dirname!r} does not exist: {TOY_VOC_ENV} / devkit must name a VOCdevkit folder")
+    for split in ("train", "val", "trainval", "test"):
+        name = f"{prefix}_{split}"
+        if name in DatasetCatalog.list():
+            continue
+        register_pascal_voc(name, dirname, split, 2007)
+        MetadataCatalog.get(name).evaluator_type = "pascal_voc"
+
+
+def register_toy_voc_from_env() -> Optional[str]:
+    """Call :func:`register_toy_voc` on ``$LRPET_TOY_VOC`` when it is set; return the folder or None."""
+    devkit = os.environ.get(TOY_VOC_ENV)
+    if devkit:
+        register_toy_voc(devkit)
+        logger.info("registered toy VOC datasets voc_toy_2007_* from %s", devkit)
+    return devkit or None

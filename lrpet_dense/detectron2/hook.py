@@ -1,0 +1,179 @@
+"""The detectron2 training hook that projects the selected convs every ``interval`` steps.
+
+:class:`LRPETHook` is a :class:`~detectron2.engine.HookBase` modelled on ``hooks.PreciseBN``: it
+decides *when* (every ``LRPET.INTERVAL`` steps and after the last step) and hands the work to the
+framework-free :class:`~lrpet_dense.core.LRPETProjector`. Place it before ``PreciseBN`` and the
+``PeriodicCheckpointer`` (:func:`insert_before_checkpointer`) so every checkpoint, ``model_final.pth``
+included, holds the projected, exactly low-rank weights (and, with ``TEST.PRECISE_BN``, BN
+statistics recomputed for them). Its state (the rank plan as plain data and
+the projector's counters) is in :meth:`LRPETHook.state_dict`, which the trainer stores in each
+checkpoint, so ``--resume`` continues the schedule exactly.
+
+Per projection it logs ``lrpet/time_s``, ``lrpet/energy_kept_mean``, ``lrpet/energy_kept_min``,
+``lrpet/rel_change_mean`` and ``lrpet/rel_change_max`` to the trainer's ``EventStorage`` (hence
+``metrics.json`` and TensorBoard).
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from detectron2.config import CfgNode
+from detectron2.engine import HookBase, hooks
+from detectron2.utils import comm
+
+from lrpet_dense.core import (ConvBN, LRPETProjector, RankPlan, build_rank_plan, conv_macs, layer_specs,
+                              record_output_sizes)
+
+from .config import overrides_from_cfg
+from .pairing import Pairing, candidate_convs, pair_convs, resnet_of, unwrap_model
+
+__all__ = ["LRPETHook", "build_lrpet_plan", "pairing_from_cfg", "insert_before_checkpointer"]
+
+logger = logging.getLogger(__name__)
+
+
+def pairing_from_cfg(cfg: CfgNode, model: nn.Module) -> Pairing:
+    """:func:`~lrpet_dense.detectron2.pairing.pair_convs` with ``cfg.LRPET``'s selection keys."""
+    return pair_convs(model, include=list(cfg.LRPET.INCLUDE), exclude=list(cfg.LRPET.EXCLUDE),
+                      include_frozen=bool(cfg.LRPET.INCLUDE_FROZEN))
+
+
+def _plan_input_hw(cfg: CfgNode, size_divisibility: int) -> Tuple[int, int]:
+    h, w = (int(s) for s in cfg.LRPET.PLAN_INPUT_SIZE)
+    if h <= 0 or w <= 0:
+        h = w = int(cfg.INPUT.MIN_SIZE_TEST)
+    if size_divisibility > 1:  # the ImageList the backbone sees is padded to this
+        h, w = (-(-s // size_divisibility) * size_divisibility for s in (h, w))
+    return h, w
+
+
+def build_lrpet_plan(cfg: CfgNode, model: nn.Module, layers: Sequence[ConvBN]) -> RankPlan:
+    """The rank plan of ``layers`` from ``cfg.LRPET`` (ratio, or a MAC cut solved by the core).
+
+    Output sizes come from a dummy forward of the ResNet body at ``LRPET.PLAN_INPUT_SIZE`` (BN
+    statistics untouched). The MAC cut is a fraction of the whole ResNet body's conv MACs
+    (``backbone``, or ``backbone.bottom_up`` for FPN; frozen and unselected convs included), so
+    "cut 50% of the backbone" means what it says. Convs outside it (``roi_heads.res5`` in C4 models)
+    get the ratio but no output size, and do not count towards the cut.
+    """
+    model = unwrap_model(model)
+    prefix, resnet = resnet_of(model)
+    all_convs = [n for n, _ in candidate_convs(model) if n.startswith(prefix + ".")]
+    size_div = int(getattr(model.backbone, "size_divisibility", 0) or 0)
+    h, w = _plan_input_hw(cfg, size_div)
+    device = next(resnet.parameters()).device
+    was_training = resnet.training
+    resnet.eval()  # no running-statistics update from the dummy input
+    try:
+        sizes = record_output_sizes(model, all_convs,
+                                    lambda: resnet(torch.zeros(1, 3, h, w, device=device)))
+    finally:
+        resnet.train(was_training)
+    reference = sum(conv_macs(tuple(model.get_submodule(n).weight.shape), sizes[n]) for n in all_convs if n in sizes)
+    specs = layer_specs(layers, sizes)
+    overrides = overrides_from_cfg(cfg)
+    cut = float(cfg.LRPET.TARGET_MACS_CUT)
+    if cut > 0:
+        return build_rank_plan(specs, target_macs_cut=cut, overrides=overrides, reference_macs=reference)
+    return build_rank_plan(specs, float(cfg.LRPET.RATIO), overrides=overrides, reference_macs=reference)
+
+
+def insert_before_checkpointer(hook_list: List[Optional[HookBase]], hook: HookBase) -> List[Optional[HookBase]]:
+    """Insert ``hook`` before ``PreciseBN`` and the ``PeriodicCheckpointer``, in place.
+
+    Before ``PreciseBN`` (when enabled) so the BN statistics it recomputes at the end are those of
+    the projected weights; before the ``PeriodicCheckpointer`` so checkpoints hold projected weights;
+    on workers without a checkpointer, before ``EvalHook``; else at the end.
+
+    Returns:
+        ``hook_list``.
+    """
+    for kind in (hooks.PreciseBN, hooks.PeriodicCheckpointer, hooks.EvalHook):
+        for i, h in enumerate(hook_list):
+            if isinstance(h, kind):
+                hook_list.insert(i, hook)
+                return hook_list
+    hook_list.append(hook)
+    return hook_list
+
+
+class LRPETHook(HookBase):
+    """Project the planned convs in place every ``interval`` steps and after the last step.
+
+    Args:
+        model: the trained model (DDP-wrapped or not); it is unwrapped.
+        layers: ``(name, conv, bn)`` triples to project (from :func:`pairing_from_cfg`).
+        plan: the rank plan of ``layers``.
+        projector: the schedule and projection options.
+
+    Use :meth:`from_config` to build all of it from ``cfg.LRPET``.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[ConvBN], plan: RankPlan, projector: LRPETProjector):
+        self._model = unwrap_model(model)
+        self._layers = list(layers)
+        names = {l.name for l in self._layers}
+        missing = [n for n in plan.layers if n not in names]
+        if missing:
+            raise ValueError(f"the rank plan names {len(missing)} layer(s) that are not selected: {missing[:5]}")
+        self.plan = plan
+        self.projector = projector
+        self._logged_plan = False
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, model: nn.Module) -> "LRPETHook":
+        """Select and pair the convs, build the plan and the projector from ``cfg.LRPET``."""
+        c = cfg.LRPET
+        pairing = pairing_from_cfg(cfg, model)
+        pairing.log()
+        plan = build_lrpet_plan(cfg, model, pairing.layers)
+        projector = LRPETProjector(int(c.INTERVAL), int(c.BEGIN), energy_transfer=bool(c.ENERGY_TRANSFER),
+                                   bn_rectification=bool(c.BN_RECTIFICATION), ridge=float(c.RIDGE),
+                                   residual=float(c.RESIDUAL))
+        return cls(model, pairing.layers, plan, projector)
+
+    def before_train(self):
+        if not self._logged_plan:
+            logger.info("LRPET rank plan (%d layers; projection every %d steps from step %d and after the last "
+                        "step; ET=%s, BNR=%s):\n%s", len(self.plan), self.projector.interval, self.projector.begin,
+                        self.projector.energy_transfer, self.projector.bn_rectification, self.plan.format_table())
+            self._logged_plan = True
+
+    def after_step(self):
+        steps_done = self.trainer.iter + 1
+        is_last = steps_done >= self.trainer.max_iter
+        if not self.projector.should_project(steps_done, is_last):
+            return
+        summary = self.projector.project_(self._layers, self.plan, steps_done)
+        if comm.get_world_size() > 1:
+            # Plain BN running statistics differ across workers, so BN-rectified results can too:
+            # make every worker hold rank 0's projection.
+            for layer in self._layers:
+                if layer.name in self.plan:
+                    torch.distributed.broadcast(layer.conv.weight.data, src=0)
+        self.trainer.storage.put_scalars(**summary.scalars("lrpet/"), smoothing_hint=False)
+
+    def state_dict(self) -> dict:
+        """Plain data only (loadable with ``torch.load(weights_only=True)``): the plan and the counters."""
+        return {"plan": self.plan.to_dict(), "projector": self.projector.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "projector" not in state_dict:
+            logger.warning("LRPET: the checkpoint has no LRPET hook state; the schedule starts afresh")
+            return
+        saved = RankPlan.from_dict(state_dict["plan"]) if "plan" in state_dict else None
+        if saved is not None and saved.ranks != self.plan.ranks:
+            names = {l.name: tuple(l.conv.weight.shape) for l in self._layers}
+            bad = [n for n, lp in saved.layers.items() if names.get(n) != tuple(lp.shape)]
+            if bad:
+                raise ValueError(f"the checkpoint's LRPET plan does not match this model/config: layer(s) {bad[:5]} "
+                                 "are not selected or have another shape. Resume with the config it was trained with.")
+            logger.warning("LRPET: the checkpoint's rank plan differs from the one computed from the config; "
+                           "continuing with the checkpoint's plan so the resumed run matches the original")
+            self.plan = saved
+        self.projector.load_state_dict(state_dict["projector"])
+        logger.info("LRPET: resumed schedule state %s", state_dict["projector"])

@@ -1,0 +1,446 @@
+"""Tests of the detectron2 adapter on the real detectron2, on CPU, with tiny settings.
+
+A tiny toy PASCAL VOC 2007 set (one training image) (``lrpet_dense.data.toy_voc``) is registered with detectron2's
+own ``register_pascal_voc`` (``LRPET_TOY_VOC``), and the real ``tools/train_det.py`` trains
+``configs/toy/faster_rcnn_lrpet_toy.yaml`` for 5 iterations, projecting every 2 steps. One training
+run is shared by the module's assertions. The settings make training reproducible across
+``--resume`` (one training image, no flip, RPN/ROI samplers that keep every candidate), which
+detectron2 does not promise in general.
+"""
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("detectron2")
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.engine import HookBase, SimpleTrainer, hooks  # noqa: E402
+from detectron2.layers import Conv2d, FrozenBatchNorm2d  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.env import seed_all_rng  # noqa: E402
+
+from lrpet_dense.core import FactorizedConv2d, LRPETProjector, build_rank_plan, layer_specs  # noqa: E402
+from lrpet_dense.data.toy_voc import make_toy_voc  # noqa: E402
+from lrpet_dense.detectron2 import (LRPETHook, add_lrpet_config, build_lrpet_plan, compress_model_,  # noqa: E402
+                                    insert_before_checkpointer, pair_convs, pairing_from_cfg, plan_from_checkpoint)
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_CFG = REPO / "configs" / "toy" / "faster_rcnn_lrpet_toy.yaml"
+MAX_ITER, INTERVAL = 5, 2
+# Tiny and reproducible: every RPN anchor / ROI candidate is sampled, so the sampling RNG only
+# permutes them; no flip; few proposals; evaluation keeps low scores so there are detections.
+TINY = [
+    "MODEL.DEVICE", "cpu", "INPUT.RANDOM_FLIP", "none",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "4096", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "16", "MODEL.RPN.POST_NMS_TOPK_TEST", "16",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.ROI_HEADS.POSITIVE_FRACTION", "1.0",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+    "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
+    "LRPET.INTERVAL", str(INTERVAL), "TEST.PRECISE_BN.NUM_ITER", "2",
+]
+PROJECTED_AT = [2, 4, 5]  # every INTERVAL steps, and after the last step
+
+
+def toy_cfg(*opts, config=TOY_CFG):
+    cfg = get_cfg()
+    add_lrpet_config(cfg)
+    cfg.merge_from_file(str(config))
+    cfg.merge_from_list(TINY + list(opts))
+    return cfg
+
+
+def run_tool(args, env_extra=None, timeout=420):
+    env = dict(os.environ, **(env_extra or {}))
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout + proc.stderr
+
+
+def train(toy_voc, out, *extra):
+    return run_tool(["tools/train_det.py", "--config", str(TOY_CFG), *extra, *TINY, "OUTPUT_DIR", str(out)],
+                    {"LRPET_TOY_VOC": toy_voc})
+
+
+def projected_steps(log_text):
+    return [int(s) for s in re.findall(r"LRPET projection at step (\d+)", log_text)]
+
+
+def copypaste_ap(text):
+    """AP, AP50, AP75 from detectron2's ``copypaste:`` evaluation lines."""
+    m = re.search(r"copypaste: AP,AP50,AP75\s*\n.*copypaste: ([\d.naN]+),([\d.naN]+),([\d.naN]+)", text)
+    assert m, "no evaluation result in the output"
+    return tuple(float(v) for v in m.groups())
+
+
+def numerical_rank(w, rtol=1e-4):
+    """Singular values above ``rtol * s_1``, from the eigenvalues of the smaller Gram matrix (fast)."""
+    m = w.reshape(w.shape[0], -1).double()
+    g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    ev = torch.linalg.eigvalsh(g)
+    return int((ev > (rtol ** 2) * ev[-1]).sum())
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def toy_voc(tmp_path_factory):
+    devkit = make_toy_voc(str(tmp_path_factory.mktemp("voc")), num_train=1, num_test=2, size=128)
+    # One training image, listed twice: detectron2's VOC loader (np.loadtxt) needs >= 2 lines, and
+    # every batch of 2 is then the same, so a resumed run sees the data an uninterrupted one does.
+    main = Path(devkit) / "VOC2007" / "ImageSets" / "Main"
+    for split in ("train", "trainval"):
+        image_id = (main / f"{split}.txt").read_text().split()[0]
+        (main / f"{split}.txt").write_text(f"{image_id}\n{image_id}\n")
+    return devkit
+
+
+@pytest.fixture(scope="module")
+def run_a(toy_voc, tmp_path_factory):
+    """One uninterrupted LRPET training run (5 steps, projections at 2, 4, 5, evaluation at the end)."""
+    out = tmp_path_factory.mktemp("run_a")
+    stdout = train(toy_voc, out)
+    return out, stdout
+
+
+@pytest.fixture(scope="module")
+def compressed(run_a, tmp_path_factory):
+    out, _ = run_a
+    path = tmp_path_factory.mktemp("compressed") / "model_compressed.pth"
+    text = run_tool(["tools/compress_det.py", "--config", str(TOY_CFG), "--checkpoint", str(out / "model_final.pth"),
+                     "--output", str(path), *TINY])
+    return path, text
+
+
+# ---------------------------------------------------------------------------- config and parser
+def test_config_keys_and_parser():
+    cfg = get_cfg()
+    add_lrpet_config(cfg)
+    for key in ("ENABLED", "RATIO", "TARGET_MACS_CUT", "OVERRIDES", "INCLUDE", "EXCLUDE", "INCLUDE_FROZEN",
+                "INTERVAL", "BEGIN", "ENERGY_TRANSFER", "BN_RECTIFICATION", "RIDGE", "RESIDUAL"):
+        assert key in cfg.LRPET
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import train_det
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    for flag in ("--config", "--config-file"):
+        args = train_det.get_parser().parse_args([flag, "a.yaml", "--eval-only", "MODEL.WEIGHTS", "x.pth"])
+        assert args.config_file == "a.yaml" and args.eval_only and args.opts == ["MODEL.WEIGHTS", "x.pth"]
+    for name in ("faster_rcnn_lrpet.yaml", "faster_rcnn_baseline.yaml", "faster_rcnn_fpn_lrpet.yaml"):
+        c = get_cfg()
+        add_lrpet_config(c)
+        c.merge_from_file(str(REPO / "configs" / name))
+        assert c.DATASETS.TEST == ("voc_2007_test",) and c.MODEL.WEIGHTS.startswith("detectron2://")
+        assert c.LRPET.ENABLED == ("lrpet" in name)
+    assert c.LRPET.TARGET_MACS_CUT == 0.5
+
+
+# ---------------------------------------------------------------------------- pairing
+def test_pairing_detectron2_norms():
+    model = nn.Module()
+    model.backbone = nn.Module()
+    b = model.backbone
+    b.bn = Conv2d(3, 8, 3, bias=False, norm=nn.BatchNorm2d(8))
+    b.frozen_bn = Conv2d(8, 8, 3, bias=False, norm=FrozenBatchNorm2d(8))
+    b.sync_bn = Conv2d(8, 8, 1, bias=False, norm=nn.SyncBatchNorm(8))
+    b.no_norm = Conv2d(8, 8, 1, bias=True)
+    b.gn = Conv2d(8, 8, 1, bias=False, norm=nn.GroupNorm(2, 8))
+    b.plain = nn.Conv2d(8, 8, 1)
+    b.depthwise = Conv2d(8, 8, 3, groups=8)
+    b.frozen = Conv2d(8, 8, 1, norm=nn.BatchNorm2d(8))
+    b.frozen.weight.requires_grad_(False)
+    p = pair_convs(model)
+    pairs = {l.name.split(".")[-1]: l.bn for l in p.layers}
+    assert pairs["bn"] is b.bn.norm and pairs["frozen_bn"] is b.frozen_bn.norm and pairs["sync_bn"] is b.sync_bn.norm
+    assert pairs["no_norm"] is None and pairs["gn"] is None and pairs["plain"] is None
+    assert "depthwise" not in pairs and "frozen" not in pairs
+    assert p.frozen_skipped == ["backbone.frozen"]
+    notes = " ".join(p.notes)
+    assert "backbone.gn" in notes and "backbone.plain" in notes and "backbone.depthwise" in notes
+    assert "backbone.no_norm" not in notes  # a conv without norm is a clean case: projected without BNR
+    assert "frozen" in pairs.keys() | {l.name.split(".")[-1] for l in pair_convs(model, include_frozen=True).layers}
+    with pytest.raises(ValueError, match="matches no"):
+        pair_convs(model, include=["backbone.nothing*"])
+
+
+def test_default_selection_c4_and_fpn():
+    c4 = build_model(toy_cfg())
+    p = pairing_from_cfg(toy_cfg(), c4)
+    assert any(n.startswith("roi_heads.res5.") for n in p.names)
+    assert not any(n.startswith(("backbone.stem", "backbone.res2")) for n in p.names)  # FREEZE_AT=2
+    assert set(p.frozen_skipped) == {n for n, m in c4.named_modules() if isinstance(m, nn.Conv2d)
+                                     and n.startswith(("backbone.stem", "backbone.res2"))}
+    assert all(l.bn is not None for l in p.layers) and not p.notes
+
+    fpn_cfg = toy_cfg(config=REPO / "configs" / "faster_rcnn_fpn_lrpet.yaml")
+    fpn_cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "BN", "INPUT.MIN_SIZE_TEST", "128"])
+    fpn = build_model(fpn_cfg)
+    p = pairing_from_cfg(fpn_cfg, fpn)
+    assert p.names and all(n.startswith("backbone.bottom_up.") for n in p.names)
+    plan = build_lrpet_plan(fpn_cfg, fpn, p.layers)
+    assert 0.5 <= plan.reached_macs_cut < 0.52 and plan.target_macs_cut == 0.5
+
+
+# ---------------------------------------------------------------------------- hook in SimpleTrainer
+class _TinyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(Conv2d(3, 16, 3, padding=1, bias=False, norm=nn.BatchNorm2d(16)),
+                                      Conv2d(16, 16, 3, padding=1, bias=False, norm=nn.BatchNorm2d(16)))
+
+    def forward(self, x):
+        return {"loss": self.backbone(x).square().mean()}
+
+
+def test_hook_schedule_storage_and_state():
+    torch.manual_seed(0)
+    model = _TinyModel()
+    layers = pair_convs(model).layers
+    for l in layers:  # BN scales far from 1, so BN rectification matters
+        l.bn.running_var.uniform_(0.05, 0.2)
+        l.bn.momentum = 0.0
+    plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), 0.5)
+    hook = LRPETHook(model, layers, plan, LRPETProjector(interval=3))
+    data = iter(lambda: torch.randn(2, 3, 8, 8), None)
+    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01))
+    trainer.register_hooks([hook])
+    trainer.train(0, 7)
+    hist = trainer.storage.history("lrpet/energy_kept_mean").values()
+    # storage.iter is the 0-based iteration: steps 3 and 6 (interval), 7 (last)
+    assert [it for _, it in hist] == [2, 5, 6]
+    for key in ("lrpet/time_s", "lrpet/energy_kept_min", "lrpet/rel_change_mean", "lrpet/rel_change_max"):
+        assert len(trainer.storage.history(key).values()) == 3
+    # energy kept is a fraction of the BN-folded weight's energy
+    worst = [v for v, _ in trainer.storage.history("lrpet/energy_kept_min").values()]
+    assert all(0 < w <= e <= 1 + 1e-6 for w, (e, _) in zip(worst, hist)), (worst, hist)
+    for l in layers:
+        assert numerical_rank(l.conv.weight.detach()) == plan[l.name].rank
+    state = hook.state_dict()
+    torch.save(state, "/dev/null")  # plain data
+    assert state["projector"] == {"last_iter": 7, "num_projections": 3} and state["plan"] == plan.to_dict()
+    fresh = LRPETHook(model, layers, plan, LRPETProjector(interval=3))
+    fresh.load_state_dict(state)
+    assert fresh.projector.last_iter == 7 and not fresh.projector.should_project(7, is_last=True)
+
+
+def test_insert_before_checkpointer():
+    ckpt = hooks.PeriodicCheckpointer(DetectionCheckpointer(nn.Linear(1, 1)), 10)
+    ev = hooks.EvalHook(0, lambda: {})
+    mine = HookBase()
+    out = insert_before_checkpointer([hooks.IterationTimer(), hooks.LRScheduler(), ckpt, ev], mine)
+    assert out.index(mine) == out.index(ckpt) - 1
+    out = insert_before_checkpointer([hooks.IterationTimer(), ev], mine)  # non-main workers: no checkpointer
+    assert out.index(mine) == out.index(ev) - 1
+    model = _TinyModel()
+    pbn = hooks.PreciseBN(0, model, iter(lambda: torch.randn(2, 3, 8, 8), None), 1)
+    out = insert_before_checkpointer([hooks.IterationTimer(), pbn, ckpt, ev], mine)
+    assert out.index(mine) == out.index(pbn) - 1  # BN statistics are recomputed for projected weights
+
+
+# ---------------------------------------------------------------------------- real training run
+@pytest.mark.timeout(600)
+def test_projection_schedule_and_logging(run_a):
+    out, _ = run_a
+    log = (out / "log.txt").read_text()
+    assert projected_steps(log) == PROJECTED_AT
+    assert "LRPET rank plan" in log and "frozen convs" in log
+    metrics = [json.loads(l) for l in (out / "metrics.json").read_text().splitlines() if l.strip()]
+    assert any("lrpet/energy_kept_mean" in m and "lrpet/rel_change_max" in m for m in metrics)
+    # PascalVOCDetectionEvaluator ran at the end of training
+    assert any("bbox/AP50" in m for m in metrics)
+    assert "Evaluating voc_toy_2007_test using 2007 metric" in log
+
+
+@pytest.mark.timeout(600)
+def test_final_weights_low_rank_and_frozen_untouched(run_a):
+    out, _ = run_a
+    ckpt = load(out / "model_final.pth")  # detectron2 checkpoints with the hook state load weights_only
+    plan = plan_from_checkpoint(ckpt)
+    assert plan is not None and plan.target_macs_cut == 0.5
+    sd = ckpt["model"]
+    for name, lp in plan.layers.items():
+        w = sd[name + ".weight"]
+        assert numerical_rank(w) == lp.rank < lp.full_rank, name  # trained weights had full rank
+    # frozen layers (FREEZE_AT=2) are not planned and equal their initialisation (seeded like the run)
+    cfg = toy_cfg()
+    seed_all_rng(cfg.SEED)
+    init = build_model(cfg).state_dict()
+    frozen = [k for k in sd if k.startswith(("backbone.stem.", "backbone.res2.")) and k.endswith("conv1.weight")]
+    assert frozen and not any(k[: -len(".weight")] in plan for k in frozen)
+    for k in frozen:
+        torch.testing.assert_close(sd[k], init[k], rtol=0, atol=0)
+        assert numerical_rank(sd[k]) == min(sd[k].shape[0], sd[k][0].numel())
+
+
+@pytest.mark.timeout(600)
+def test_hook_runs_before_checkpointer(run_a):
+    out, _ = run_a
+    # model_0000001.pth is written after step 2, the first projection: it must already be low-rank
+    ckpt = load(out / "model_0000001.pth")
+    plan = plan_from_checkpoint(ckpt)
+    assert ckpt["trainer"]["hooks"]["LRPETHook"]["projector"] == {"last_iter": 2, "num_projections": 1}
+    for name, lp in plan.layers.items():
+        assert numerical_rank(ckpt["model"][name + ".weight"]) <= lp.rank, name
+
+
+@pytest.mark.timeout(600)
+def test_resume_matches_uninterrupted(run_a, toy_voc, tmp_path):
+    """``--resume`` from the checkpoint after step 2 continues the schedule (projections at 4, 5 only,
+    same plan, same counters) and reaches the uninterrupted run's final weights.
+
+    Not bit for bit: detectron2's ROI sampler orders the sampled ROIs with the global RNG, which a
+    resumed run does not restore, so sums are taken in another order (and round-off is amplified
+    by BN rectification). The difference must be far below what the resumed steps themselves changed.
+    ``test_hook_resume_is_exact_in_simple_trainer`` checks the hook's resume bit for bit.
+    """
+    out, _ = run_a
+    shutil.copy(out / "model_0000001.pth", tmp_path / "model_0000001.pth")
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    train(toy_voc, tmp_path, "--resume")
+    assert projected_steps((tmp_path / "log.txt").read_text()) == [4, 5]
+    ca, cb = load(out / "model_final.pth"), load(tmp_path / "model_final.pth")
+    assert ca["trainer"]["hooks"]["LRPETHook"] == cb["trainer"]["hooks"]["LRPETHook"]
+    a, b, start = ca["model"], cb["model"], load(out / "model_0000001.pth")["model"]
+    assert a.keys() == b.keys()
+    convs = [k for k in a if k.endswith(".weight") and a[k].dim() == 4]
+    norm = lambda d: sum(float(d[k].double().square().sum()) for k in convs) ** 0.5  # noqa: E731
+    resume_err = norm({k: a[k] - b[k] for k in convs})
+    progress = norm({k: a[k] - start[k] for k in convs})
+    size = norm(a)
+    assert progress > 0 and resume_err < 0.1 * progress and resume_err < 1e-3 * size, (resume_err, progress, size)
+    plan = plan_from_checkpoint(cb)
+    for name, lp in plan.layers.items():
+        assert numerical_rank(b[name + ".weight"]) == lp.rank
+
+
+def test_hook_resume_is_exact_in_simple_trainer():
+    """The hook's state makes a resumed SimpleTrainer reproduce an uninterrupted one exactly."""
+    def make():
+        torch.manual_seed(0)
+        model = _TinyModel()
+        layers = pair_convs(model).layers
+        plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), 0.5)
+        g = torch.Generator().manual_seed(1)
+        data = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(9)]
+        return model, LRPETHook(model, layers, plan, LRPETProjector(interval=3)), data
+
+    def trainer_for(model, hook, data, start):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        t = SimpleTrainer(model, iter(data[start:]), opt)
+        t.register_hooks([hook])
+        return t
+
+    class Snapshot(HookBase):  # what a PeriodicCheckpointer after step 4 would save
+        def after_step(self):
+            if self.trainer.iter == 3:
+                self.state = copy.deepcopy({"model": model.state_dict(), "trainer": self.trainer.state_dict()})
+
+    model, hook, data = make()
+    snap = Snapshot()
+    t = trainer_for(model, hook, data, 0)
+    t.register_hooks([snap])
+    t.train(0, 8)  # projected at steps 3, 6 and 8
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    state = snap.state
+    torch.save(state, "/dev/null")
+
+    model, hook, data = make()
+    model.load_state_dict(state["model"])
+    t = trainer_for(model, hook, data, 4)
+    t.load_state_dict(state["trainer"])
+    assert hook.projector.last_iter == 3
+    t.train(4, 8)  # steps 5..8; projected at 6 and 8
+    assert hook.projector.num_projections == 3
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, full[k], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- compression
+@pytest.mark.timeout(600)
+def test_compress_tool_reports_and_saves(compressed):
+    path, text = compressed
+    assert re.search(r"factorised \d+ of \d+ planned convs", text)
+    cut = float(re.search(r"backbone: params -[\d.]+%, MACs -([\d.]+)%", text).group(1))
+    assert 49.0 <= cut <= 52.0  # fvcore's count of the backbone agrees with the 50% plan
+    assert re.search(r"model: params -[\d.]+%, MACs -[\d.]+%", text)
+    ckpt = load(path)  # plain data and tensors only
+    assert isinstance(ckpt["lrpet_plan"], dict) and ckpt["lrpet_factorized"]
+
+
+@pytest.mark.timeout(600)
+def test_compressed_loads_and_predicts_like_dense(run_a, compressed, toy_voc):
+    from detectron2.data.detection_utils import read_image
+    from detectron2.engine import DefaultPredictor
+
+    out, _ = run_a
+    path, _ = compressed
+    # detectron2's own loading path: no missing, unexpected or mis-shaped keys
+    model = build_model(toy_cfg())
+    incompatible = DetectionCheckpointer(model)._load_model(load(path))
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys and not incompatible.incorrect_shapes
+    assert sum(isinstance(m, FactorizedConv2d) for m in model.modules()) == len(load(path)["lrpet_factorized"])
+
+    dense = DefaultPredictor(toy_cfg("MODEL.WEIGHTS", str(out / "model_final.pth")))
+    small = DefaultPredictor(toy_cfg("MODEL.WEIGHTS", str(path)))
+    assert any(isinstance(m, FactorizedConv2d) for m in small.model.modules())
+    images = sorted((Path(toy_voc) / "VOC2007" / "JPEGImages").glob("2007_*.jpg"))
+    for img_path in images:
+        img = read_image(str(img_path), format="BGR")
+        a, b = dense(img)["instances"], small(img)["instances"]
+        assert len(a) == len(b) > 0
+        torch.testing.assert_close(b.scores, a.scores, rtol=1e-3, atol=1e-4)
+        # detections whose scores tie to round-off may swap places: match them as a set
+        ba, bb = a.pred_boxes.tensor, b.pred_boxes.tensor
+        for i in range(len(b)):
+            same = (a.pred_classes == b.pred_classes[i]) & ((a.scores - b.scores[i]).abs() <= 1e-4)
+            dist = (ba[same] - bb[i]).abs().amax(dim=1)
+            assert dist.numel() and dist.min() <= 1e-2, f"detection {i} of the compressed model has no dense match"
+
+
+@pytest.mark.timeout(600)
+def test_eval_only_compressed_same_ap(run_a, compressed, toy_voc, tmp_path):
+    out, _ = run_a
+    path, _ = compressed
+    text = train(toy_voc, tmp_path, "--eval-only", "MODEL.WEIGHTS", str(path))
+    assert "built" in text and "factorised convs from the checkpoint's plan" in text
+    metrics = [json.loads(l) for l in (out / "metrics.json").read_text().splitlines() if l.strip()]
+    final = [m for m in metrics if "bbox/AP50" in m][-1]
+    ap, ap50, ap75 = copypaste_ap(text)
+    assert ap == pytest.approx(final["bbox/AP"], abs=1e-3) and ap50 == pytest.approx(final["bbox/AP50"], abs=1e-3)
+
+
+@pytest.mark.timeout(600)
+def test_mismatched_checkpoints_are_clear_errors(run_a, compressed):
+    out, _ = run_a
+    path, _ = compressed
+    # a compressed C4 checkpoint into an FPN config
+    fpn_cfg = toy_cfg(config=REPO / "configs" / "faster_rcnn_fpn_lrpet.yaml")
+    fpn_cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "BN"])
+    with pytest.raises(ValueError, match="does not match this model/config"):
+        DetectionCheckpointer(build_model(fpn_cfg)).load(str(path))
+    # a dense checkpoint into a model that was factorised by a compressed one
+    model = build_model(toy_cfg())
+    DetectionCheckpointer(model).load(str(path))
+    with pytest.raises(ValueError, match="checkpoint is dense"):
+        DetectionCheckpointer(model).load(str(out / "model_final.pth"))
+    # factorised keys without a plan
+    sd = dict(load(path)["model"])
+    sd.pop("_lrpet_plan")
+    with pytest.raises(ValueError, match="no LRPET plan"):
+        build_model(toy_cfg()).load_state_dict(sd)
+    # a checkpoint that was never projected cannot be compressed without changing its outputs
+    model = build_model(toy_cfg())
+    plan = plan_from_checkpoint(load(out / "model_final.pth"))
+    with pytest.raises(ValueError, match="not of their planned rank"):
+        compress_model_(model, plan)

@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Train / evaluate detectron2 Faster R-CNN with LRPET low-rank projection.
+
+The detectron2 way (as ``projects/DeepLab/train_net.py``)::
+
+    python tools/train_det.py --config configs/faster_rcnn_lrpet.yaml [--num-gpus N] [--resume] [--eval-only] [KEY VALUE ...]
+
+``--config`` and detectron2's own ``--config-file`` are the same option. With ``LRPET.ENABLED`` the
+:class:`~lrpet_dense.detectron2.LRPETHook` is placed before the ``PeriodicCheckpointer``, so every
+checkpoint and ``model_final.pth`` are exactly low-rank. ``--eval-only MODEL.WEIGHTS compressed.pth``
+evaluates a checkpoint written by ``tools/compress_det.py``.
+
+Datasets: the VOC configs use detectron2's builtin ``voc_2007_*``/``voc_2012_*`` names under
+``$DETECTRON2_DATASETS``; when ``$LRPET_TOY_VOC`` names a toy ``VOCdevkit`` (``python -m
+lrpet_dense.data.toy_voc OUT``), ``voc_toy_2007_{train,val,trainval,test}`` are registered for
+``configs/toy/faster_rcnn_lrpet_toy.yaml``.
+"""
+import argparse
+import os
+import sys
+
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
+from detectron2.utils.logger import setup_logger
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from lrpet_dense.core import FactorizedConv2d  # noqa: E402
+from lrpet_dense.detectron2 import (LRPETHook, add_lrpet_config, insert_before_checkpointer,  # noqa: E402
+                                    register_toy_voc_from_env)
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with VOC/COCO evaluators and the LRPET hook."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
+        if evaluator_type == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
+        if evaluator_type == "coco":
+            return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
+        raise NotImplementedError(f"no evaluator for dataset {dataset_name!r} of type {evaluator_type!r}")
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        if self.cfg.LRPET.ENABLED:
+            insert_before_checkpointer(ret, LRPETHook.from_config(self.cfg, self.model))
+        return ret
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        if self.cfg.LRPET.ENABLED and any(isinstance(m, FactorizedConv2d) for m in model.modules()):
+            raise ValueError("LRPET training needs dense weights, but the loaded checkpoint is compressed "
+                             "(factorised); train from the dense checkpoint instead")
+
+
+def setup(args):
+    """Create the config, with the LRPET keys, and do detectron2's basic setup."""
+    cfg = get_cfg()
+    add_lrpet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    # detectron2 projects log through their own package logger (e.g. PointSup's "point_sup").
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="lrpet_dense")
+    register_toy_voc_from_env()
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """detectron2's ``default_argument_parser`` plus ``--config`` (same as ``--config-file``)."""
+    parser = default_argument_parser()
+    parser.add_argument("--config", dest="config_file", metavar="FILE", default=argparse.SUPPRESS,
+                        help="path to config file (same as --config-file)")
+    return parser
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
+    if not args.config_file:
+        get_parser().error("a config file is required: --config configs/faster_rcnn_lrpet.yaml")
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -1,0 +1,283 @@
+"""The mmseg adapter in mmseg's own runner and tools, on a tiny generated VOC2012 set (CPU).
+
+One real training run of the toy config by mmseg's ``tools/train.py`` (module-scoped) feeds the
+projection, resume, compression and inference checks.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("mmseg")
+
+import mmseg  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+
+import lrpet_dense.mmseg as lm  # noqa: E402
+from lrpet_dense.core import FactorizedConv2d, RankPlan  # noqa: E402
+from lrpet_dense.data.toy_voc import make_toy_voc  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_CFG = REPO / "configs" / "toy" / "pspnet_r50-d8_lrpet_toy.py"
+FULL_CFG = REPO / "configs" / "pspnet_r50-d8_lrpet_voc12aug-512x512.py"
+MMSEG_TOOLS = Path(mmseg.__file__).parent / ".mim" / "tools"
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _env(data_root: Path) -> dict:
+    env = dict(os.environ, LRPET_TOY_VOC_ROOT=str(data_root))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _run(cmd, env, cwd) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable] + [str(c) for c in cmd], env=env, cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _toy_cfg(data_root: Path, work_dir: Path) -> Config:
+    with mock.patch.dict(os.environ, {"LRPET_TOY_VOC_ROOT": str(data_root)}):
+        cfg = Config.fromfile(str(TOY_CFG))
+    cfg.work_dir = str(work_dir)
+    return cfg
+
+
+def _effective_rank(w: torch.Tensor, rtol: float = 1e-4) -> int:
+    s = torch.linalg.svdvals(w.detach().float().reshape(w.shape[0], -1))
+    return int((s > rtol * s[0]).sum())
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toy_voc")
+    make_toy_voc(str(root), num_train=6, num_test=3, size=96)
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_run(toy_data, tmp_path_factory) -> Path:
+    """mmseg's own tools/train.py on the toy config, unchanged: 3 iterations, projections at 2 and 3."""
+    wd = tmp_path_factory.mktemp("train")
+    _run([MMSEG_TOOLS / "train.py", TOY_CFG, "--work-dir", wd], _env(toy_data), cwd=wd)
+    return wd
+
+
+@pytest.fixture(scope="module")
+def compressed(train_run, toy_data) -> tuple:
+    out = train_run / "compressed.pth"
+    proc = _run([REPO / "tools" / "compress_seg.py", TOY_CFG, train_run / "iter_3.pth", out], _env(toy_data),
+                cwd=train_run)
+    return out, proc.stdout
+
+
+def _load(path) -> dict:
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+# -- training ---------------------------------------------------------------------------------
+def test_projection_at_interval_and_end(train_run):
+    scalars = [json.loads(l) for f in glob.glob(str(train_run / "*" / "vis_data" / "scalars.json"))
+               for l in open(f)]
+    steps = sorted(s["step"] for s in scalars if "lrpet/time_s" in s)
+    assert steps == [2, 3], steps
+    last = [s for s in scalars if "lrpet/num_projections" in s][-1]
+    assert last["lrpet/num_projections"] == 2
+    for key in ("lrpet/energy_kept_mean", "lrpet/energy_kept_min", "lrpet/rel_change_mean", "lrpet/rel_change_max"):
+        assert key in last
+
+
+@pytest.mark.parametrize("name", ["iter_2.pth", "iter_3.pth"])
+def test_checkpointed_weights_are_low_rank(train_run, name):
+    ckpt = _load(train_run / name)  # the hook keeps checkpoints weights_only-loadable
+    plan = RankPlan.from_dict(ckpt["lrpet"]["plan"])
+    assert len(plan) == 55  # every conv of ResNetV1c-50: 3 stem + 48 block + 4 downsample
+    assert plan.ratio == 0.5
+    sd = ckpt["state_dict"]
+    for name_, lp in plan.layers.items():
+        assert _effective_rank(sd[name_ + ".weight"]) <= lp.rank, name_
+    # a head conv is not in the plan and stays full rank
+    w = sd["decode_head.bottleneck.conv.weight"]
+    assert _effective_rank(w) == min(w.shape[0], w[0].numel())
+
+
+def test_iou_metric_ran(train_run):
+    scalars = [json.loads(l) for f in glob.glob(str(train_run / "*" / "vis_data" / "scalars.json"))
+               for l in open(f)]
+    assert any("mIoU" in s for s in scalars)
+
+
+def test_resume_matches_uninterrupted_run(train_run, toy_data, tmp_path):
+    from mmengine.runner import Runner
+
+    cfg = _toy_cfg(toy_data, tmp_path)
+    cfg.resume = True
+    cfg.load_from = str(train_run / "iter_2.pth")
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    resumed = _load(tmp_path / "iter_3.pth")
+    full = _load(train_run / "iter_3.pth")
+    assert resumed["lrpet"]["projector"] == full["lrpet"]["projector"] == {"last_iter": 3, "num_projections": 2}
+    for k, v in full["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][k], v, msg=k)
+
+
+# -- compression and inference ----------------------------------------------------------------
+def test_compress_tool_reports_complexity(compressed):
+    _, out = compressed
+    assert "get_model_complexity_info" in out
+    rows = {l.split()[0]: l for l in out.splitlines() if l.startswith(("backbone ", "model "))}
+    assert set(rows) == {"backbone", "model"}
+    assert "factorised 54 of 55" in out
+
+
+def test_compressed_checkpoint_loads_with_init_model(compressed, train_run, toy_data):
+    from mmseg.apis import inference_model, init_model
+
+    path, _ = compressed
+    ckpt = _load(path)
+    plan = RankPlan.from_dict(ckpt["meta"]["lrpet_plan"])
+    cfg = _toy_cfg(toy_data, train_run)
+    fact = init_model(cfg, str(path), device="cpu")
+    assert isinstance(fact.backbone.layer3[0].conv2, FactorizedConv2d)
+    # D8: dilated convs stay dilated (the first block of a stage has half the dilation, contract_dilation)
+    assert fact.backbone.layer4[1].conv2.conv_a.dilation == (4, 4)
+    assert fact.backbone.layer3[1].conv2.conv_a.dilation == (2, 2)
+    assert fact.backbone.layer4[1].conv2.conv_a.padding == (4, 4)
+    # no missing / unexpected keys: strict torch load into a fresh factorised model
+    assert set(fact.state_dict()) == set(ckpt["state_dict"])
+    init_default_scope("mmseg")
+    from mmseg.registry import MODELS
+    fresh = MODELS.build(cfg.model)
+    fresh.load_state_dict(ckpt["state_dict"], strict=True)
+    assert fresh.lrpet_plan.ranks == plan.ranks
+
+    dense = init_model(cfg, str(train_run / "iter_3.pth"), device="cpu")
+    imgs = sorted(glob.glob(str(toy_data / "VOCdevkit" / "VOC2012" / "JPEGImages" / "*.jpg")))[-3:]
+    for img in imgs:
+        a, b = inference_model(dense, img), inference_model(fact, img)
+        torch.testing.assert_close(b.seg_logits.data, a.seg_logits.data, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a.pred_sem_seg.data, b.pred_sem_seg.data)
+
+
+def test_dense_compressed_mismatch_is_an_error(compressed, train_run, toy_data):
+    from mmseg.registry import MODELS
+
+    path, _ = compressed
+    init_default_scope("mmseg")
+    cfg = _toy_cfg(toy_data, train_run)
+    fact = MODELS.build(cfg.model)
+    fact.load_state_dict(_load(path)["state_dict"])
+    with pytest.raises(ValueError, match="dense checkpoint"):
+        fact.load_state_dict(_load(train_run / "iter_3.pth")["state_dict"])
+
+
+def test_mmseg_test_tool_runs_compressed_checkpoint(compressed, toy_data, train_run):
+    path, _ = compressed
+    proc = _run([MMSEG_TOOLS / "test.py", TOY_CFG, path, "--work-dir", train_run / "test_wd"], _env(toy_data),
+                cwd=train_run)
+    assert "mIoU" in proc.stdout + proc.stderr
+
+
+# -- pairing, plan and options (no training) --------------------------------------------------
+@pytest.fixture(scope="module")
+def full_model():
+    init_default_scope("mmseg")
+    from mmseg.registry import MODELS
+    cfg = Config.fromfile(str(FULL_CFG))
+    cfg.model.pretrained = None
+    return cfg, MODELS.build(cfg.model)  # SyncBN, as in the paper's config
+
+
+def test_pairing_resnetv1c_and_convmodule(full_model):
+    _, model = full_model
+    pairs, unpaired, frozen = lm.pair_conv_bn(model, include=["*"])
+    by = {p.name: p for p in pairs}
+    assert by["backbone.stem.0"].bn is model.backbone.stem[1]
+    assert by["backbone.layer1.0.conv2"].bn is model.backbone.layer1[0].bn2
+    assert by["backbone.layer1.0.downsample.0"].bn is model.backbone.layer1[0].downsample[1]
+    assert by["decode_head.bottleneck.conv"].bn is model.decode_head.bottleneck.bn
+    assert isinstance(by["backbone.layer1.0.conv1"].bn, torch.nn.SyncBatchNorm)
+    assert set(unpaired) == {"decode_head.conv_seg", "auxiliary_head.conv_seg"}
+    assert not frozen
+    backbone, unpaired_bb, _ = lm.pair_conv_bn(model)
+    assert len(backbone) == 55 and not unpaired_bb
+
+
+def test_full_config_plans_a_30_percent_backbone_cut(full_model):
+    cfg, model = full_model
+    hook_cfg = dict(cfg.custom_hooks[0])
+    assert hook_cfg.pop("type") == "LRPETHook"
+    hook = lm.LRPETHook(**hook_cfg)
+    pairs, _, _ = lm.pair_conv_bn(model, hook.include, hook.exclude)
+    plan = lm.build_seg_plan(model, pairs, target_macs_cut=hook.target_macs_cut, input_size=(512, 512))
+    assert 0.30 <= plan.reached_macs_cut < 0.31
+    assert 0.40 < plan.ratio < 0.46  # METHOD.md: p = 0.43 -> ~31%
+    assert plan.reference_macs == lm.backbone_conv_macs(model, (512, 512))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(), "exactly one of ratio"),
+    (dict(ratio=0.5, target_macs_cut=0.3), "exactly one of ratio"),
+    (dict(ratio=1.0), r"ratio must lie in \[0, 1\)"),
+    (dict(target_macs_cut=0.0), r"target_macs_cut must lie in \(0, 1\)"),
+    (dict(ratio=0.5, interval=0), "interval must be a positive integer"),
+    (dict(ratio=0.5, residual=2.0), "residual"),
+    (dict(ratio=0.5, ridge=-1.0), "ridge"),
+    (dict(ratio=0.5, overrides={"backbone.*": 1.5}), "overrides"),
+    (dict(ratio=0.5, include=[""]), "include"),
+    (dict(ratio=0.5, energy_transfer="yes"), "energy_transfer"),
+    (dict(ratio=0.5, plan_input_size=(64,)), "plan_input_size"),
+])
+def test_hook_validates_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lm.LRPETHook(**kwargs)
+
+
+def test_hook_warns_on_checkpoint_without_state():
+    hook = lm.LRPETHook(ratio=0.5, interval=2)
+    runner = mock.MagicMock()
+    hook.after_load_checkpoint(runner, {"meta": {}, "state_dict": {}})
+    assert runner.logger.warning.called
+    assert "no 'lrpet' state" in runner.logger.warning.call_args[0][0]
+
+
+def test_frozen_stages_are_skipped_by_default():
+    init_default_scope("mmseg")
+    from mmseg.registry import MODELS
+    cfg = Config.fromfile(str(FULL_CFG))
+    cfg.model.pretrained = None
+    cfg.model.backbone.update(norm_cfg=dict(type="BN", requires_grad=True), frozen_stages=1)
+    model = MODELS.build(cfg.model)
+    pairs, _, frozen = lm.pair_conv_bn(model)
+    assert "backbone.stem.0" in frozen and "backbone.layer1.0.conv1" in frozen
+    assert "backbone.layer2.0.conv1" in {p.name for p in pairs}
+    pairs_all, _, none = lm.pair_conv_bn(model, skip_frozen=False)
+    assert len(pairs_all) == 55 and not none
+
+
+def test_weights_only_checkpoint_roundtrip(tmp_path):
+    import numpy as np
+    from mmengine.logging import HistoryBuffer, MessageHub
+
+    hub = MessageHub.get_instance("lrpet_test_hub")
+    hub.update_scalar("train/loss", 1.5)
+    hub.update_scalar("train/loss", np.float64(0.5))
+    ckpt = {"meta": {"seed": np.int64(3), "iter": 2}, "message_hub": hub.state_dict()}
+    lm.WeightsOnlyCheckpointHook().before_save_checkpoint(None, ckpt)
+    torch.save(ckpt, tmp_path / "c.pth")
+    loaded = _load(tmp_path / "c.pth")
+    lm.WeightsOnlyCheckpointHook().after_load_checkpoint(None, loaded)
+    buf = loaded["message_hub"]["log_scalars"]["train/loss"]
+    assert isinstance(buf, HistoryBuffer) and buf.mean() == 1.0 and buf.data[1].tolist() == [1, 1]
+    assert loaded["meta"]["seed"] == 3

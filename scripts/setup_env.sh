@@ -4,9 +4,11 @@
 # pycocotools, fvcore and this package (editable, with its dev extras).
 #
 # detectron2 is not on PyPI and mmcv 2.1.0 has no PyPI wheel for torch 2.14. They come from a
-# wheelhouse when one is found (LRPET_WHEELHOUSE, else ../shared/third_party/wheels beside the
-# checkout); otherwise they are built from source: detectron2 from LRPET_DETECTRON2_SRC (a path,
-# archive or git URL; default: the upstream repository) and mmcv from PyPI's sdist (slow: ~7 min
+# wheelhouse when one is found (LRPET_WHEELHOUSE, else the wheels/ folder of the workplace's
+# third_party folder: LRPET_THIRD_PARTY, ../shared/third_party beside the checkout, or
+# /work/shared/third_party); otherwise they are built from source: detectron2 from
+# LRPET_DETECTRON2_SRC (a path, archive or git URL; default: the third_party source archive, else
+# the upstream repository) and mmcv from PyPI's sdist (slow: ~7 min
 # on 2 cores). Wheels only fit the torch they were built against, hence the torch pin below.
 #
 # Usage: bash scripts/setup_env.sh            (idempotent: a second run installs nothing new)
@@ -31,16 +33,25 @@ else
   pip_install --upgrade pip 'setuptools<81' wheel ninja
   pip_install "${TORCH_PINS[@]}"
 
+  # Where this workplace keeps the frameworks' wheels and sources (first one found).
+  THIRD_PARTY=""
+  for d in ${LRPET_THIRD_PARTY:-} "$ROOT/../shared/third_party" /work/shared/third_party; do
+    if [ -d "$d" ]; then THIRD_PARTY=$(cd "$d" && pwd); break; fi
+  done
   WHEELHOUSE=${LRPET_WHEELHOUSE:-}
-  if [ -z "$WHEELHOUSE" ] && [ -d "$ROOT/../shared/third_party/wheels" ]; then
-    WHEELHOUSE=$(cd "$ROOT/../shared/third_party/wheels" && pwd)
+  if [ -z "$WHEELHOUSE" ] && [ -n "$THIRD_PARTY" ] && [ -d "$THIRD_PARTY/wheels" ]; then
+    WHEELHOUSE="$THIRD_PARTY/wheels"
   fi
   if [ -n "$WHEELHOUSE" ] && ls "$WHEELHOUSE"/detectron2-*.whl "$WHEELHOUSE"/mmcv-*.whl >/dev/null 2>&1; then
     log "installing detectron2 and mmcv from wheelhouse $WHEELHOUSE"
     pip_install --find-links "$WHEELHOUSE" "${FRAMEWORK_PINS[@]}"
   else
     log "no wheelhouse found: building detectron2 and mmcv from source (slow)"
-    D2_SRC=${LRPET_DETECTRON2_SRC:-git+https://github.com/facebookresearch/detectron2.git}
+    D2_SRC=${LRPET_DETECTRON2_SRC:-}
+    if [ -z "$D2_SRC" ] && [ -n "$THIRD_PARTY" ]; then
+      D2_SRC=$(ls "$THIRD_PARTY"/detectron2-*.tar.gz 2>/dev/null | head -n 1 || true)
+    fi
+    D2_SRC=${D2_SRC:-git+https://github.com/facebookresearch/detectron2.git}
     pip_install --no-build-isolation "$D2_SRC"
     WORK=$(mktemp -d)
     "$VPY" -m pip download -q --no-deps --no-binary :all: mmcv==2.1.0 -d "$WORK"

@@ -6,8 +6,10 @@ the core's result against a float64 exact-SVD reference on every layer.
     python benchmarks/bench_projection.py [--ratio 0.5] [--repeat 3] [--threads N] [--device cpu|cuda] [--json PATH]
 
 Weights are torchvision's ResNet-50 at its default (random, seeded) initialisation: the real
-shapes (53 conv matrices, 23.5 M parameters). No BN rectification (pass ``--bnr`` for a random BN
-scale per layer).
+shapes (53 conv matrices, 23.5 M parameters). The core is timed as the hooks call it
+(``compute_layer_projections`` on the model's ``(name, conv, bn)`` pairs: all layers, computed
+without being written). No BN rectification (pass ``--bnr`` for random BN statistics, giving a
+BN scale in [0.5, 1.5) per channel).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import time
 import torch
 import torchvision
 
-from lrpet_dense.core import compute_projection, rank_from_ratio
+from lrpet_dense.core import ConvBN, bn_scale_of, compute_layer_projections, rank_from_ratio
 
 
 def exact_lrpet(M: torch.Tensor, k: int, a=None, ridge=1e-5) -> torch.Tensor:
@@ -48,17 +50,30 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    model = torchvision.models.resnet50()
-    weights = [m.weight.detach().to(dev) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    model = torchvision.models.resnet50().to(dev)
+    modules = dict(model.named_modules())
+    layers = []
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Conv2d):
+            continue
+        bn = None
+        if args.bnr:  # torchvision pairs convN/bnN, downsample.0/downsample.1
+            bn = modules[name[:-1] + "1" if name.endswith("downsample.0") else name.replace("conv", "bn")]
+            with torch.no_grad():
+                bn.weight.copy_(torch.rand(bn.num_features) + 0.5)
+                bn.running_var.fill_(1.0 - bn.eps)
+        layers.append(ConvBN(name, m, bn))
+    weights = [l.conv.weight.detach() for l in layers]
     ranks = [rank_from_ratio(min(w.shape[0], w[0].numel()), args.ratio) for w in weights]
-    scales = [torch.rand(w.shape[0], device=dev) + 0.5 if args.bnr else None for w in weights]
+    plan = {l.name: k for l, k in zip(layers, ranks)}
+    scales = [None if l.bn is None else bn_scale_of(l.bn).float() for l in layers]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def run_exact():
         return [exact_lrpet(w.reshape(w.shape[0], -1), k, a) for w, k, a in zip(weights, ranks, scales)]
 
     def run_fast():
-        return [compute_projection(w, k, bn_scale=a)[0] for w, k, a in zip(weights, ranks, scales)]
+        return [new for _, new, _ in compute_layer_projections(layers, plan)]
 
     def best_time(fn):
         fn(); sync()  # warm-up

@@ -325,6 +325,34 @@ def test_factorized_conv_equals_dense_rank_k_conv(stride, padding, dilation, bia
     torch.testing.assert_close(f(x), conv(x))
 
 
+
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (3, 1, 1), (1, 2, 0)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_factorized_conv_float32_fast_paths_equal_dense(kernel, stride, padding, channels_last, bias):
+    """The 1x1 convs' CPU inference kernel (oneDNN on channels_last inputs) gives the dense result in
+    both layouts, and autograd still works."""
+    from lrpet_dense.core.factorize import PointwiseConv2d
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(16, 24, kernel, stride=stride, padding=padding, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(lrpet_project(conv.weight, 6))
+    f = FactorizedConv2d.from_conv(conv, 6)
+    assert isinstance(f.conv_b, PointwiseConv2d)
+    assert isinstance(f.conv_a, PointwiseConv2d) == (kernel == 1 and stride == 1)
+    x = torch.randn(3, 16, 10, 9)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    f, conv, x = f.to(memory_format=fmt), conv.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        ref = conv(x)
+        torch.testing.assert_close(f(x), ref, rtol=1e-4, atol=1e-5)
+    xg = x.clone().requires_grad_()
+    out = f(xg)
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert xg.grad is not None and f.conv_b.weight.grad is not None
+
 def test_factorized_conv_padding_mode_and_rejections():
     conv = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect").double()
     with torch.no_grad():
@@ -392,3 +420,41 @@ def test_import_does_not_pull_frameworks():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('detectron2', 'mmseg', 'mmcv', 'mmengine')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_project_layers_same_result_for_any_thread_count(threads):
+    """Layers run on a thread pool with one BLAS thread each: the result must not depend on the
+    thread count, and the global thread setting comes back."""
+    before = torch.get_num_threads()
+    ref_net = _net()
+    torch.set_num_threads(1)
+    try:
+        project_layers_(_pairs(ref_net), {"0": 6, "3": 10, "6": 4})
+        net = _net()
+        torch.set_num_threads(threads)
+        project_layers_(_pairs(net), {"0": 6, "3": 10, "6": 4})
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    for i in (0, 3, 6):
+        assert torch.equal(net[i].weight, ref_net[i].weight), i
+
+
+def test_project_layers_threaded_failure_names_first_layer_and_restores_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        net = _net()
+        with torch.no_grad():
+            net[3].weight[0, 0, 0, 0] = float("inf")
+            net[6].weight[0, 0, 0, 0] = float("nan")
+        snapshot = {k: v.clone() for k, v in net.state_dict().items()}
+        with pytest.raises(ValueError, match="layer '3'"):
+            project_layers_(_pairs(net), {"0": 6, "3": 10, "6": 4})
+        assert torch.get_num_threads() == 2
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, snapshot[k]) or k in ("3.weight", "6.weight"), k
+        assert torch.equal(net[0].weight, snapshot["0.weight"])
+    finally:
+        torch.set_num_threads(before)

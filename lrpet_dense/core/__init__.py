@@ -9,15 +9,19 @@ Public API:
 """
 from .factorize import FactorizedConv2d, build_factorized_, factorize_
 from .macs import conv_macs, factorization_saves, factorized_macs
-from .projection import ConvBN, LayerStats, bn_scale_of, compute_projection, lrpet_project, project_layers_
-from .schedule import LRPETProjector, ProjectionSummary
+from .projection import (ConvBN, LayerStats, bn_scale_of, compute_layer_projections, compute_projection, lrpet_project,
+                         project_layers_)
+from .distributed import DistributedProjectionError, project_layers_distributed_
+from .schedule import LRPETProjector, ProjectionError, ProjectionSummary
 from .rank import LayerPlan, LayerSpec, RankPlan, build_rank_plan, match_any, rank_from_ratio, select_names
 from .shapes import layer_specs, record_output_sizes
 
 __all__ = [
     "rank_from_ratio", "LayerSpec", "LayerPlan", "RankPlan", "build_rank_plan", "match_any", "select_names",
-    "ConvBN", "LayerStats", "lrpet_project", "compute_projection", "project_layers_", "bn_scale_of",
+    "ConvBN", "LayerStats", "lrpet_project", "compute_projection", "compute_layer_projections", "project_layers_",
+    "bn_scale_of",
     "FactorizedConv2d", "factorize_", "build_factorized_",
     "conv_macs", "factorized_macs", "factorization_saves",
-    "record_output_sizes", "layer_specs", "LRPETProjector", "ProjectionSummary",
+    "record_output_sizes", "layer_specs", "LRPETProjector", "ProjectionSummary", "ProjectionError",
+    "project_layers_distributed_", "DistributedProjectionError",
 ]

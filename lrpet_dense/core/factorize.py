@@ -6,6 +6,13 @@ original bias), from the SVD ``W = U S V^T``: ``conv_b = U_k S_k^1/2``, ``conv_a
 A norm/activation carried by the conv itself (detectron2's ``Conv2d.norm``/``.activation``) stays
 after ``conv_b`` under the same attribute names, so checkpoint keys of the norm do not change.
 
+The 1x1 convs of the pair (``conv_b``, and ``conv_a`` of a 1x1 conv) are :class:`PointwiseConv2d`:
+an ``nn.Conv2d`` (same parameters, state-dict keys and module hooks) that, in CPU float32 inference
+on channels_last inputs, always runs oneDNN's kernel, which PyTorch skips for unstrided 1x1 convs on
+one thread (factorisation turns every conv into one with a 1x1 half, so this matters more for the
+factorised model than for the dense one). For the best CPU latency run factorised models in
+channels_last. See ``benchmarks/README.md``.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -25,9 +32,50 @@ from torch import nn
 
 from .rank import RankPlan
 
-__all__ = ["FactorizedConv2d", "factorize_", "build_factorized_", "get_submodule", "set_submodule"]
+__all__ = ["FactorizedConv2d", "PointwiseConv2d", "factorize_", "build_factorized_", "get_submodule",
+           "set_submodule"]
 
 logger = logging.getLogger(__name__)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1, stride-1, unpadded, ungrouped ``nn.Conv2d`` with a CPU inference fast path.
+
+    Exactly an ``nn.Conv2d`` in training, under autograd, on other devices and dtypes, for
+    contiguous (NCHW) inputs, and while traced, scripted or compiled (so FLOP counters that trace
+    ``aten::_convolution`` see it). In CPU float32 inference on a channels_last input it runs
+    oneDNN's convolution (``torch.mkldnn_convolution``, what PyTorch itself runs there on several
+    threads), which PyTorch does not pick for an unstrided 1x1 conv of a small batch on one thread:
+    it takes its im2col/GEMM path instead, about half as fast (measured 40-55 vs 100-115 GMAC/s per
+    core on AVX-512, see ``benchmarks/README.md``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def _fast_path_ok(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+                and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and not torch.jit.is_scripting() and not torch.jit.is_tracing() and not _compiling())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self._fast_path_ok(x) and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            w = self.weight.contiguous(memory_format=torch.channels_last)
+            return torch.mkldnn_convolution(x, w, self.bias, (0, 0), (1, 1), (1, 1), 1)
+        return super().forward(x)
+
+
+def _is_pointwise(kernel_size, stride, padding, dilation, padding_mode: str) -> bool:
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    return (pair(kernel_size) == (1, 1) and pair(stride) == (1, 1) and pair(padding) == (0, 0)
+            and pair(dilation) == (1, 1) and padding_mode == "zeros")
 
 
 class FactorizedConv2d(nn.Module):
@@ -48,9 +96,12 @@ class FactorizedConv2d(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self.conv_a = nn.Conv2d(in_channels, rank, kernel_size, stride=stride, padding=padding,
-                                dilation=dilation, bias=False, padding_mode=padding_mode)
-        self.conv_b = nn.Conv2d(rank, out_channels, 1, bias=bias)
+        if _is_pointwise(kernel_size, stride, padding, dilation, padding_mode):
+            self.conv_a = PointwiseConv2d(in_channels, rank, bias=False)
+        else:
+            self.conv_a = nn.Conv2d(in_channels, rank, kernel_size, stride=stride, padding=padding,
+                                    dilation=dilation, bias=False, padding_mode=padding_mode)
+        self.conv_b = PointwiseConv2d(rank, out_channels, bias=bias)
         self.norm = norm
         self.activation = activation
 

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from .rank import RankPlan
 
-__all__ = ["ConvBN", "LayerStats", "lrpet_project", "project_layers_", "bn_scale_of", "compute_projection"]
+__all__ = ["ConvBN", "LayerStats", "lrpet_project", "project_layers_", "bn_scale_of", "compute_projection",
+           "compute_layer_projections"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +155,10 @@ def _project_matrix(M: Tensor, k: int, energy_transfer: bool, residual: float, t
     if energy_transfer:
         tail = max(total - kept, 0.0)
         alpha = math.sqrt(max(total - residual ** 2 * tail, 0.0) / kept)
-    out = Mk * alpha if alpha != 1.0 else Mk
     if residual:
-        out = out + residual * (M - Mk)
+        out = Mk * alpha + residual * (M - Mk)
+    else:
+        out = Mk.mul_(alpha) if alpha != 1.0 else Mk  # Mk is a fresh tensor here: scale it in place
     return out, kept / total
 
 
@@ -189,7 +191,8 @@ def compute_projection(
     w = weight.detach()
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     M = w.reshape(n, d).to(dtype)
-    if not math.isfinite(_sq_norm(M)):  # NaN/Inf when some entry is (or huge): then look closer
+    total = _sq_norm(M)
+    if not math.isfinite(total):  # NaN/Inf when some entry is (or huge): then look closer
         _check_finite(w, "weight", name)
     a = None
     if bn_scale is not None:
@@ -202,14 +205,14 @@ def compute_projection(
         if ridge == 0 and bool((a == 0).any()):
             raise ValueError(f"layer {name!r}: BN scale has zeros and ridge=0, so W cannot be recovered; use ridge > 0")
         M = M * a.to(dtype)[:, None]
+        total = _sq_norm(M)  # of the folded weight
     if rank >= m:
         return weight.detach().clone(), 1.0
-    total = _sq_norm(M)
     if not math.isfinite(total):
         raise ValueError(f"layer {name!r}: weight norm overflows {dtype}; the weight has diverged")
     out, kept = _project_matrix(M, rank, energy_transfer, residual, total)
     if a is not None:
-        out = out * (a / (a * a + ridge)).to(dtype)[:, None]
+        out = out * (a / (a * a + ridge)).to(dtype)[:, None]  # not in place: ``out`` may be the input's view
     return out.reshape(weight.shape).to(weight.dtype), kept
 
 
@@ -241,6 +244,102 @@ def lrpet_project(
                               ridge=ridge, residual=residual)[0]
 
 
+def _map_layers(fn, jobs: Sequence, cost: Sequence[float]) -> List:
+    """``[fn(*job) for job in jobs]``, on CPU spread over threads with one BLAS thread each.
+
+    Single-threaded LAPACK ``eigh`` uses a core better than a multi-threaded one (its tridiagonal
+    reduction scales poorly), so with ``T = torch.get_num_threads() > 1`` the layers run on ``T``
+    Python threads (torch releases the GIL), each with one intra-op thread, largest first. Each
+    layer is then computed single-threaded whatever ``T`` is, so results do not depend on the thread
+    count. The global thread setting is restored afterwards. CUDA tensors run in order.
+    """
+    threads = torch.get_num_threads()
+    on_cpu = all(job[0].device.type == "cpu" for job in jobs)
+    if not on_cpu or len(jobs) < 2:
+        return [fn(*job) for job in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: -cost[i])
+    torch.set_num_threads(1)
+    try:
+        if threads == 1:
+            out = {i: fn(*jobs[i]) for i in order}
+            return [out[i] for i in range(len(jobs))]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lrpet") as pool:
+            futures = {i: pool.submit(fn, *jobs[i]) for i in order}
+            errors = {}
+            for i, f in futures.items():
+                if f.exception() is not None:
+                    errors[i] = f.exception()
+            if errors:  # report the first failing layer in model order
+                raise errors[min(errors)]
+            return [futures[i].result() for i in range(len(jobs))]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def compute_layer_projections(
+    layers: Sequence[ConvBN],
+    plan: Union[RankPlan, Mapping[str, int]],
+    *,
+    energy_transfer: bool = True,
+    bn_rectification: bool = True,
+    ridge: float = 1e-5,
+    residual: float = 0.0,
+) -> List[Tuple[ConvBN, Tensor, LayerStats]]:
+    """The new weights of every planned layer, without writing them (see :func:`project_layers_`).
+
+    Returns:
+        ``(layer, new_weight, stats)`` per planned layer, in ``layers`` order.
+    """
+    _validate_args(ridge, residual)
+    ranks: Dict[str, int] = plan.ranks if isinstance(plan, RankPlan) else dict(plan)
+    by_name = {l.name: l for l in layers}
+    missing = [n for n in ranks if n not in by_name]
+    if missing:
+        raise ValueError(f"{len(missing)} planned layer(s) not found in the model: {missing[:5]}. "
+                         "The plan does not belong to this model.")
+    todo = []
+    for layer in layers:
+        name, conv, bn = layer
+        if name not in ranks:
+            continue
+        if getattr(conv, "groups", 1) != 1:
+            raise ValueError(f"layer {name!r}: grouped/depthwise conv (groups={conv.groups}) cannot be "
+                             "projected; exclude it from the selection")
+        w = conv.weight
+        if isinstance(plan, RankPlan) and tuple(plan[name].shape) != tuple(w.shape) + (1,) * (4 - w.dim()):
+            raise ValueError(f"layer {name!r}: weight shape {tuple(w.shape)} differs from the plan's "
+                             f"{plan[name].shape}")
+        scale = bn_scale_of(bn, name) if (bn_rectification and bn is not None) else None
+        todo.append((layer, w, ranks[name], scale))
+
+    def one(w: Tensor, layer: ConvBN, rank: int, scale: Optional[Tensor]):
+        try:
+            new, kept = compute_projection(w, rank, bn_scale=scale, energy_transfer=energy_transfer,
+                                           ridge=ridge, residual=residual, name=layer.name)
+        except Exception as e:  # e.g. an eigensolver failure: say which layer it was
+            if repr(layer.name) in str(e):
+                raise
+            raise RuntimeError(f"layer {layer.name!r}: projection failed with {type(e).__name__}: {e}") from e
+        old = w.detach()
+        change = _sq_norm(new - old)
+        if not math.isfinite(change):  # a NaN/Inf anywhere in ``new`` shows here
+            _check_finite(new, "projected weight", layer.name)
+            raise ValueError(f"layer {layer.name!r}: the weight change overflows; the weight has diverged")
+        denom = math.sqrt(_sq_norm(old))
+        change = math.sqrt(change)
+        return layer, new, LayerStats(layer.name, rank, min(w.shape[0], w[0].numel()), kept,
+                                      change / denom if denom > 0 else 0.0)
+
+    def cost(w: Tensor) -> float:
+        n, d = w.shape[0], w[0].numel()
+        m = min(n, d)
+        return m * m * (max(n, d) + 4 * m)  # Gram + products, plus eigh
+
+    return _map_layers(one, [(w, layer, r, a) for layer, w, r, a in todo], [cost(t[1]) for t in todo])
+
+
 def project_layers_(
     layers: Sequence[ConvBN],
     plan: Union[RankPlan, Mapping[str, int]],
@@ -252,9 +351,10 @@ def project_layers_(
 ) -> List[LayerStats]:
     """Project every planned layer in place, atomically.
 
-    All new weights are computed first; they are written (into the same ``Parameter`` objects, so
-    optimizers and DDP keep tracking them) only when every layer succeeded. An error on any layer
-    leaves every layer unchanged and names the layer.
+    All new weights are computed first (on CPU, several layers at a time, see :func:`_map_layers`);
+    they are written (into the same ``Parameter`` objects, so optimizers and DDP keep tracking
+    them) only when every layer succeeded. An error on any layer leaves every layer unchanged and
+    names the layer.
 
     Args:
         layers: ``(name, conv, bn)`` triples from a framework adapter; layers not in ``plan`` are skipped.
@@ -267,34 +367,9 @@ def project_layers_(
     Returns:
         One :class:`LayerStats` per projected layer, in ``layers`` order.
     """
-    _validate_args(ridge, residual)
-    ranks: Dict[str, int] = plan.ranks if isinstance(plan, RankPlan) else dict(plan)
-    by_name = {l.name: l for l in layers}
-    missing = [n for n in ranks if n not in by_name]
-    if missing:
-        raise ValueError(f"{len(missing)} planned layer(s) not found in the model: {missing[:5]}. "
-                         "The plan does not belong to this model.")
-    results = []
-    for name, conv, bn in layers:
-        if name not in ranks:
-            continue
-        if getattr(conv, "groups", 1) != 1:
-            raise ValueError(f"layer {name!r}: grouped/depthwise conv (groups={conv.groups}) cannot be "
-                             "projected; exclude it from the selection")
-        w = conv.weight
-        if isinstance(plan, RankPlan) and tuple(plan[name].shape) != tuple(w.shape) + (1,) * (4 - w.dim()):
-            raise ValueError(f"layer {name!r}: weight shape {tuple(w.shape)} differs from the plan's "
-                             f"{plan[name].shape}")
-        scale = bn_scale_of(bn, name) if (bn_rectification and bn is not None) else None
-        new, kept = compute_projection(w, ranks[name], bn_scale=scale, energy_transfer=energy_transfer,
-                                       ridge=ridge, residual=residual, name=name)
-        _check_finite(new, "projected weight", name)
-        old = w.detach()
-        denom = torch.linalg.vector_norm(old, dtype=torch.float64).item()
-        change = torch.linalg.vector_norm(new - old, dtype=torch.float64).item()
-        results.append((conv, new, LayerStats(name, ranks[name], min(w.shape[0], w[0].numel()), kept,
-                                              change / denom if denom > 0 else 0.0)))
+    results = compute_layer_projections(layers, plan, energy_transfer=energy_transfer,
+                                        bn_rectification=bn_rectification, ridge=ridge, residual=residual)
     with torch.no_grad():
-        for conv, new, _ in results:
-            conv.weight.copy_(new)
+        for layer, new, _ in results:
+            layer.conv.weight.copy_(new)
     return [s for _, _, s in results]

@@ -16,22 +16,46 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+from .distributed import project_layers_distributed_
 from .projection import ConvBN, LayerStats, project_layers_
 from .rank import RankPlan
 
-__all__ = ["LRPETProjector", "ProjectionSummary"]
+__all__ = ["LRPETProjector", "ProjectionSummary", "ProjectionError", "ON_ERROR_CHOICES"]
+
+#: What training does when a projection fails: stop with the error, or log it and go on.
+ON_ERROR_CHOICES = ("raise", "skip")
 
 logger = logging.getLogger(__name__)
 
 
+class ProjectionError(RuntimeError):
+    """A projection failed (``on_error='raise'``); no layer was changed.
+
+    Attributes:
+        iteration: optimizer steps taken when the projection was attempted.
+    """
+
+    def __init__(self, message: str, iteration: int):
+        super().__init__(message)
+        self.iteration = iteration
+
+
 @dataclass
 class ProjectionSummary:
+    """What one projection did (``error`` set and ``stats`` empty when it failed and was skipped)."""
+
     iteration: int
     seconds: float
     stats: List[LayerStats]
+    error: Optional[str] = None
 
     def scalars(self, prefix: str = "lrpet/") -> Dict[str, float]:
-        """The per-projection scalars both hooks log (same names in detectron2 and mmengine)."""
+        """The per-projection scalars both hooks log (same names in detectron2 and mmengine).
+
+        A skipped failed projection logs only ``failed`` (1.0) and ``time_s``.
+        """
+        if self.error is not None:
+            return {prefix + "time_s": self.seconds, prefix + "failed": 1.0}
         e = [s.energy_kept for s in self.stats]
         c = [s.rel_change for s in self.stats]
         return {
@@ -53,10 +77,16 @@ class LRPETProjector:
         bn_rectification: project BN-folded weights. Defaults to True.
         ridge: ``lambda`` (>= 0). Defaults to 1e-5.
         residual: residual factor ``r`` in [0, 1]. Defaults to 0.
+        on_error: what happens when a projection fails (an error in some layer, e.g. NaN/Inf
+            weights of a diverged run; no layer is changed either way): ``'raise'`` stops training
+            with a :class:`ProjectionError` naming the layer and the step; ``'skip'`` logs the same
+            message and training goes on with the weights as they were (the next scheduled
+            projection tries again). Defaults to ``'raise'``.
     """
 
     def __init__(self, interval: int, begin: int = 0, *, energy_transfer: bool = True,
-                 bn_rectification: bool = True, ridge: float = 1e-5, residual: float = 0.0):
+                 bn_rectification: bool = True, ridge: float = 1e-5, residual: float = 0.0,
+                 on_error: str = "raise"):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
             raise ValueError(f"interval must be a positive integer (steps between projections), got {interval!r}")
         if isinstance(begin, bool) or not isinstance(begin, int) or begin < 0:
@@ -65,7 +95,12 @@ class LRPETProjector:
             raise ValueError(f"ridge (lambda) must be a finite number >= 0, got {ridge!r}")
         if not (isinstance(residual, (int, float)) and 0.0 <= residual <= 1.0):
             raise ValueError(f"residual must lie in [0, 1], got {residual!r}")
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES} (stop training, or log and go on), "
+                             f"got {on_error!r}")
         self.interval, self.begin = interval, begin
+        self.on_error = on_error
+        self.num_failed = 0  # skipped failures in this process (not checkpointed)
         self.energy_transfer, self.bn_rectification = bool(energy_transfer), bool(bn_rectification)
         self.ridge, self.residual = float(ridge), float(residual)
         self.last_iter: Optional[int] = None  # steps taken at the last projection
@@ -77,11 +112,36 @@ class LRPETProjector:
             return False
         return is_last or steps_done % self.interval == 0
 
-    def project_(self, layers: Sequence[ConvBN], plan: RankPlan, steps_done: int) -> ProjectionSummary:
-        """Project ``layers`` per ``plan`` in place (atomic) and record it."""
+    def project_(self, layers: Sequence[ConvBN], plan: RankPlan, steps_done: int, *,
+                 distributed: bool = False) -> ProjectionSummary:
+        """Project ``layers`` per ``plan`` in place (atomic) and record it.
+
+        Args:
+            layers: ``(name, conv, bn)`` triples.
+            plan: the rank plan.
+            steps_done: optimizer steps taken so far.
+            distributed: share the work over the ranks of the default process group and give every
+                rank the same weights and stats
+                (:func:`~lrpet_dense.core.distributed.project_layers_distributed_`; every rank must
+                call this). Defaults to False (this process only).
+        """
         t0 = time.perf_counter()
-        stats = project_layers_(layers, plan, energy_transfer=self.energy_transfer,
-                                bn_rectification=self.bn_rectification, ridge=self.ridge, residual=self.residual)
+        project = project_layers_distributed_ if distributed else project_layers_
+        try:
+            stats = project(layers, plan, energy_transfer=self.energy_transfer,
+                            bn_rectification=self.bn_rectification, ridge=self.ridge, residual=self.residual)
+        except Exception as e:  # the projection is atomic: no layer was changed
+            message = (f"LRPET projection after step {steps_done} failed and changed no layer: "
+                       f"{type(e).__name__}: {e}")
+            if self.on_error == "raise":
+                raise ProjectionError(message + ". Training stops (on_error='raise'); fix the cause (for NaN/Inf "
+                                      "weights: a lower learning rate, gradient clipping, or resume from an "
+                                      "earlier checkpoint), or set on_error='skip' to train on without this "
+                                      "projection.", steps_done) from e
+            self.last_iter = steps_done  # no retry at this step; the next scheduled one tries again
+            self.num_failed += 1
+            logger.error("%s. Skipped (on_error='skip'): training goes on with the weights as they were.", message)
+            return ProjectionSummary(steps_done, time.perf_counter() - t0, [], error=message)
         summary = ProjectionSummary(steps_done, time.perf_counter() - t0, stats)
         self.last_iter = steps_done
         self.num_projections += 1

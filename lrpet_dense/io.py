@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+import zipfile
+from typing import Any, Mapping
 
 import torch
 
-__all__ = ["atomic_save", "load_checkpoint_safe"]
+__all__ = ["atomic_save", "load_checkpoint_safe", "check_checkpoint_file", "check_finite_state"]
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -27,10 +28,43 @@ def atomic_save(obj: Any, path: str) -> None:
         raise
 
 
+def check_checkpoint_file(path: str) -> None:
+    """Cheap checks that ``path`` is a complete checkpoint file, before anything is built or loaded.
+
+    A missing or empty file, or a ``.pth``/``.pt`` file that is not a complete zip archive (what
+    ``torch.save`` writes; a truncated copy has no central directory), is an error naming the file.
+    Other files (e.g. detectron2's ``.pkl`` model-zoo weights) are only checked to exist.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is empty or truncated.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist; check the path (for a training run, the "
+                                "checkpoints are in its output/work folder)")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path!r} is empty (an interrupted copy or save?); use a complete checkpoint")
+    if path.endswith((".pth", ".pt")) and not zipfile.is_zipfile(path):
+        raise ValueError(f"checkpoint {path!r} is truncated or not a torch checkpoint (no complete zip archive, "
+                         "as torch.save writes); copy it again or use an earlier checkpoint")
+
+
+def check_finite_state(state: Mapping[str, Any], path: str = "the checkpoint") -> None:
+    """Raise when a floating-point tensor of a state dict holds NaN/Inf (e.g. a diverged run).
+
+    Raises:
+        ValueError: names the first such entry and how many values are bad.
+    """
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{path}: {key!r} has {bad} NaN/Inf value(s) (training diverged?); refusing to use it. "
+                             "Use an earlier checkpoint, or retrain with a lower learning rate / gradient clipping")
+
+
 def load_checkpoint_safe(path: str) -> Any:
     """``torch.load(path, weights_only=True, map_location='cpu')`` with errors that name the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    check_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, pickle with arbitrary objects, ...

@@ -24,7 +24,6 @@ from mmengine.registry import init_default_scope  # noqa: E402
 
 import lrpet_dense.mmseg as lm  # noqa: E402
 from lrpet_dense.core import FactorizedConv2d, RankPlan  # noqa: E402
-from lrpet_dense.data.toy_voc import make_toy_voc  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CFG = REPO / "configs" / "toy" / "pspnet_r50-d8_lrpet_toy.py"
@@ -59,18 +58,15 @@ def _effective_rank(w: torch.Tensor, rtol: float = 1e-4) -> int:
 
 
 @pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("toy_voc")
-    make_toy_voc(str(root), num_train=6, num_test=3, size=96)
-    return root
+def toy_data(seg_toy_data) -> Path:
+    return seg_toy_data
 
 
 @pytest.fixture(scope="module")
-def train_run(toy_data, tmp_path_factory) -> Path:
-    """mmseg's own tools/train.py on the toy config, unchanged: 3 iterations, projections at 2 and 3."""
-    wd = tmp_path_factory.mktemp("train")
-    _run([MMSEG_TOOLS / "train.py", TOY_CFG, "--work-dir", wd], _env(toy_data), cwd=wd)
-    return wd
+def train_run(seg_run) -> Path:
+    """mmseg's own tools/train.py on the toy config, unchanged: 3 iterations, projections at 2 and 3
+    (``conftest.seg_run``, shared with ``tests/test_faults.py``)."""
+    return seg_run
 
 
 @pytest.fixture(scope="module")

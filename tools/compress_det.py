@@ -25,9 +25,9 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from lrpet_dense.detectron2 import (add_lrpet_config, build_lrpet_plan, compress_model_,  # noqa: E402
+from lrpet_dense.detectron2 import (PLAN_STATE_KEY, add_lrpet_config, build_lrpet_plan, compress_model_,  # noqa: E402
                                     count_flops_params, pairing_from_cfg, plan_from_checkpoint, save_compressed)
-from lrpet_dense.io import load_checkpoint_safe  # noqa: E402
+from lrpet_dense.io import check_finite_state, load_checkpoint_safe  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -49,6 +49,10 @@ def load_dense_(model, path: str) -> dict:
     ckpt = load_checkpoint_safe(path)
     state = ckpt.get("model", ckpt)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if ckpt.get("lrpet_factorized") is not None or PLAN_STATE_KEY in state:
+        raise ValueError(f"checkpoint {path!r} is already compressed (factorised); give the dense training "
+                         "checkpoint it was made from (e.g. model_final.pth)")
+    check_finite_state(state, f"checkpoint {path!r}")
     try:
         res = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # size mismatches

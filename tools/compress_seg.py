@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     from mmseg.apis import init_model
 
     from lrpet_dense.core import RankPlan, project_layers_
-    from lrpet_dense.io import load_checkpoint_safe
-    from lrpet_dense.mmseg import (build_seg_plan, complexity, compress_model_, max_rank_excess, pair_conv_bn,
+    from lrpet_dense.io import check_finite_state, load_checkpoint_safe
+    from lrpet_dense.mmseg import (PLAN_KEY, build_seg_plan, complexity, compress_model_, max_rank_excess, pair_conv_bn,
                                    save_compressed)
     from lrpet_dense.mmseg.hook import CHECKPOINT_KEY
 
@@ -56,6 +56,15 @@ def main(argv=None) -> int:
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     ckpt = load_checkpoint_safe(args.checkpoint)
+    if (ckpt.get("meta") or {}).get(PLAN_KEY) is not None:
+        print(f"error: {args.checkpoint} is already compressed (factorised); give the dense training checkpoint "
+              "it was made from (e.g. iter_N.pth)", file=sys.stderr)
+        return 2
+    try:
+        check_finite_state(ckpt.get("state_dict", ckpt), f"checkpoint {args.checkpoint!r}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model = init_model(cfg, args.checkpoint, device=args.device)
     hw = tuple(args.input_size) if args.input_size else tuple(getattr(model.data_preprocessor, "size", None) or (512, 512))
 

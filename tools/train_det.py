@@ -19,24 +19,44 @@ import argparse
 import os
 import sys
 
+import torch
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from lrpet_dense.core import FactorizedConv2d  # noqa: E402
-from lrpet_dense.detectron2 import (LRPETHook, add_lrpet_config, insert_before_checkpointer,  # noqa: E402
+from lrpet_dense.detectron2 import (LRPETHook, RNGStateHook, add_lrpet_config, insert_before_checkpointer,  # noqa: E402
                                     register_toy_voc_from_env)
+from lrpet_dense.io import check_checkpoint_file  # noqa: E402
+from lrpet_dense.rng import preserved_rng_state  # noqa: E402
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with VOC/COCO evaluators and the LRPET hook."""
+    """``DefaultTrainer`` with VOC/COCO evaluators, the LRPET hook, and exact ``--resume``.
+
+    Exact resume (see :mod:`lrpet_dense.detectron2.rng`): an :class:`RNGStateHook` checkpoints the
+    RNG states, the training loader has its own seeded generator, and evaluation leaves the global
+    RNG streams where it found them.
+    """
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # The loader's own generator (not the global torch RNG) draws its workers' base seed when
+        # its iterator is created, which a resumed run does at another step than the original.
+        seed = cfg.SEED + comm.get_rank() if cfg.SEED >= 0 else int(torch.randint(2 ** 31, ()))
+        return build_detection_train_loader(cfg, seed=seed)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        with preserved_rng_state():  # evaluating must not shift the training steps' random draws
+            return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -51,6 +71,10 @@ class Trainer(DefaultTrainer):
         ret = super().build_hooks()
         if self.cfg.LRPET.ENABLED:
             insert_before_checkpointer(ret, LRPETHook.from_config(self.cfg, self.model))
+        # Right before the checkpointer (after PreciseBN, which draws random numbers when it runs).
+        rng_hook = RNGStateHook(self.cfg.SOLVER.CHECKPOINT_PERIOD, self.cfg.SOLVER.MAX_ITER)
+        at = [i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))]
+        ret.insert(at[0] if at else len(ret), rng_hook)
         return ret
 
     def resume_or_load(self, resume=True):
@@ -77,6 +101,9 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and (args.eval_only or not args.resume):
+        # A missing or truncated local file: a clear error naming it, before anything is built.
+        check_checkpoint_file(cfg.MODEL.WEIGHTS)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)

@@ -5,6 +5,7 @@ Importing this package registers ``LRPETGeneralizedRCNN`` in detectron2's ``META
 - :func:`add_lrpet_config` adds the ``cfg.LRPET`` subtree;
 - :func:`pair_convs` turns a model into the core's ``(name, conv, bn)`` triples (``conv.norm``);
 - :class:`LRPETHook` projects during training (place it with :func:`insert_before_checkpointer`);
+- :class:`RNGStateHook` checkpoints the RNG states, so that ``--resume`` replays a run exactly;
 - :func:`compress_model_` / :func:`save_compressed` write a compressed checkpoint, which
   ``LRPETGeneralizedRCNN`` (so ``DefaultPredictor`` and ``--eval-only``) loads.
 
@@ -15,11 +16,12 @@ from .deploy import (PLAN_STATE_KEY, LRPETGeneralizedRCNN, check_low_rank, compr
                      count_flops_params, enable_compressed_loading_, plan_from_checkpoint, save_compressed)
 from .hook import LRPETHook, build_lrpet_plan, insert_before_checkpointer, pairing_from_cfg
 from .pairing import Pairing, candidate_convs, default_include, pair_convs, resnet_of, unwrap_model
+from .rng import RNGStateHook
 
 __all__ = [
     "add_lrpet_config", "register_toy_voc", "register_toy_voc_from_env",
     "Pairing", "pair_convs", "default_include", "candidate_convs", "resnet_of", "unwrap_model",
-    "LRPETHook", "build_lrpet_plan", "pairing_from_cfg", "insert_before_checkpointer",
+    "LRPETHook", "build_lrpet_plan", "pairing_from_cfg", "insert_before_checkpointer", "RNGStateHook",
     "LRPETGeneralizedRCNN", "enable_compressed_loading_", "PLAN_STATE_KEY", "plan_from_checkpoint",
     "check_low_rank", "compress_model_", "compressed_checkpoint", "save_compressed", "count_flops_params",
 ]

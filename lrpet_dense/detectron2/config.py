@@ -16,12 +16,14 @@ detectron2 registers ``voc_2007_*`` under ``DETECTRON2_DATASETS``.
 from __future__ import annotations
 
 import logging
+import math
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_lrpet_config", "overrides_from_cfg", "register_toy_voc", "register_toy_voc_from_env", "TOY_VOC_ENV"]
+__all__ = ["add_lrpet_config", "check_lrpet_config", "overrides_from_cfg", "register_toy_voc",
+           "register_toy_voc_from_env", "TOY_VOC_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +72,53 @@ def add_lrpet_config(cfg: CN) -> None:
     _C.LRPET.RIDGE = 1e-5
     # Residual factor r in [0, 1] for the dropped singular values (0 = the paper's formula).
     _C.LRPET.RESIDUAL = 0.0
+    # When a projection fails (no layer is changed): "raise" stops training, "skip" logs it and trains on.
+    _C.LRPET.ON_ERROR = "raise"
     # Input (H, W) of the dummy backbone forward that measures conv output sizes for the MAC plan.
     # (0, 0) = (INPUT.MIN_SIZE_TEST, INPUT.MIN_SIZE_TEST).
     _C.LRPET.PLAN_INPUT_SIZE = (0, 0)
+
+
+def _number(value, key: str, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"cfg.LRPET.{key} must be {allowed}, got {value!r}; fix it in the config file or with "
+                         f"'LRPET.{key} VALUE' on the command line")
+
+
+def check_lrpet_config(cfg: CN) -> None:
+    """Check every ``cfg.LRPET`` key; the error names the key, the bad value and the allowed values.
+
+    Called by :meth:`~lrpet_dense.detectron2.LRPETHook.from_config`, i.e. when the trainer is built,
+    before any weight is loaded or changed.
+
+    Raises:
+        ValueError: a key is out of range or of the wrong type.
+    """
+    c = cfg.LRPET
+    _number(c.RATIO, "RATIO", "a rank pruning ratio in [0, 1)", lambda v: 0 <= v < 1)
+    _number(c.TARGET_MACS_CUT, "TARGET_MACS_CUT", "0 (use RATIO) or a fraction of the backbone MACs in (0, 1)",
+            lambda v: 0 <= v < 1)
+    for key in ("INTERVAL", "BEGIN"):
+        value = c[key]
+        low = 1 if key == "INTERVAL" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"cfg.LRPET.{key} must be an integer >= {low} "
+                             f"({'steps between projections' if low else 'steps before the first projection'}), "
+                             f"got {value!r}")
+    _number(c.RIDGE, "RIDGE", "a ridge lambda >= 0 (default 1e-5)", lambda v: v >= 0)
+    _number(c.RESIDUAL, "RESIDUAL", "a residual factor in [0, 1] (default 0)", lambda v: 0 <= v <= 1)
+    for key in ("ENABLED", "ENERGY_TRANSFER", "BN_RECTIFICATION", "INCLUDE_FROZEN"):
+        if not isinstance(c[key], bool):
+            raise ValueError(f"cfg.LRPET.{key} must be True or False, got {c[key]!r}")
+    if c.ON_ERROR not in ("raise", "skip"):
+        raise ValueError(f"cfg.LRPET.ON_ERROR must be 'raise' (stop training) or 'skip' (log and train on), "
+                         f"got {c.ON_ERROR!r}")
+    for key in ("INCLUDE", "EXCLUDE"):
+        patterns = c[key]
+        if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
+            raise ValueError(f"cfg.LRPET.{key} must be a list of non-empty fnmatch patterns, got {patterns!r}")
+    for pattern, ratio in overrides_from_cfg(cfg).items():
+        _number(ratio, f"OVERRIDES[{pattern!r}]", "a rank pruning ratio in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def overrides_from_cfg(cfg: CN) -> dict:
@@ -88,7 +134,7 @@ def overrides_from_cfg(cfg: CN) -> dict:
     return out
 
 
-def register_toy_voc(devkit: str, prefix: str = "voc_toy_2007") -> None:
+def register_toy_voc(devkit: str, prefix: str = "voc_toy_2007", class_names: Optional[Sequence[str]] = None) -> None:
     """Register ``{prefix}_{train,val,trainval,test}`` for ``devkit/VOC2007`` with detectron2's VOC loader.
 
     Idempotent: names already registered are left as they are.
@@ -96,6 +142,10 @@ def register_toy_voc(devkit: str, prefix: str = "voc_toy_2007") -> None:
     Args:
         devkit: a ``VOCdevkit`` folder holding ``VOC2007`` (e.g. from :func:`lrpet_dense.data.toy_voc.make_toy_voc`).
         prefix: dataset name prefix. Defaults to ``"voc_toy_2007"``.
+        class_names: the dataset's classes (label order). Defaults to None: the 20 VOC classes.
+            ``PascalVOCDetectionEvaluator`` averages AP over these classes, so with the 20 VOC
+            classes the toy set's 3 classes can reach at most 15 AP50; ``voc_toy3_2007_*`` (the
+            toy classes only, :data:`~lrpet_dense.data.toy_voc.TOY_CLASSES`) is the meaningful score.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_pascal_voc
@@ -107,14 +157,21 @@ def register_toy_voc(devkit: str, prefix: str = "voc_toy_2007") -> None:
         name = f"{prefix}_{split}"
         if name in DatasetCatalog.list():
             continue
-        register_pascal_voc(name, dirname, split, 2007)
+        if class_names is None:
+            register_pascal_voc(name, dirname, split, 2007)
+        else:
+            register_pascal_voc(name, dirname, split, 2007, class_names=tuple(class_names))
         MetadataCatalog.get(name).evaluator_type = "pascal_voc"
 
 
 def register_toy_voc_from_env() -> Optional[str]:
-    """Call :func:`register_toy_voc` on ``$LRPET_TOY_VOC`` when it is set; return the folder or None."""
+    """On ``$LRPET_TOY_VOC``, register ``voc_toy_2007_*`` (20 VOC classes) and ``voc_toy3_2007_*``
+    (the 3 toy classes, for a 3-class model such as the quickstart's); return the folder or None."""
     devkit = os.environ.get(TOY_VOC_ENV)
     if devkit:
+        from lrpet_dense.data.toy_voc import TOY_CLASSES
+
         register_toy_voc(devkit)
-        logger.info("registered toy VOC datasets voc_toy_2007_* from %s", devkit)
+        register_toy_voc(devkit, "voc_toy3_2007", TOY_CLASSES)
+        logger.info("registered toy VOC datasets voc_toy_2007_* and voc_toy3_2007_* from %s", devkit)
     return devkit or None

@@ -28,7 +28,7 @@ from detectron2.utils import comm
 from lrpet_dense.core import (ConvBN, LRPETProjector, RankPlan, build_rank_plan, conv_macs, layer_specs,
                               record_output_sizes)
 
-from .config import overrides_from_cfg
+from .config import check_lrpet_config, overrides_from_cfg
 from .pairing import Pairing, candidate_convs, pair_convs, resnet_of, unwrap_model
 
 __all__ = ["LRPETHook", "build_lrpet_plan", "pairing_from_cfg", "insert_before_checkpointer"]
@@ -126,14 +126,18 @@ class LRPETHook(HookBase):
 
     @classmethod
     def from_config(cls, cfg: CfgNode, model: nn.Module) -> "LRPETHook":
-        """Select and pair the convs, build the plan and the projector from ``cfg.LRPET``."""
+        """Select and pair the convs, build the plan and the projector from ``cfg.LRPET``.
+
+        Every key is checked first (:func:`~lrpet_dense.detectron2.config.check_lrpet_config`).
+        """
+        check_lrpet_config(cfg)
         c = cfg.LRPET
         pairing = pairing_from_cfg(cfg, model)
         pairing.log()
         plan = build_lrpet_plan(cfg, model, pairing.layers)
         projector = LRPETProjector(int(c.INTERVAL), int(c.BEGIN), energy_transfer=bool(c.ENERGY_TRANSFER),
                                    bn_rectification=bool(c.BN_RECTIFICATION), ridge=float(c.RIDGE),
-                                   residual=float(c.RESIDUAL))
+                                   residual=float(c.RESIDUAL), on_error=str(c.ON_ERROR))
         return cls(model, pairing.layers, plan, projector)
 
     def before_train(self):
@@ -148,13 +152,9 @@ class LRPETHook(HookBase):
         is_last = steps_done >= self.trainer.max_iter
         if not self.projector.should_project(steps_done, is_last):
             return
-        summary = self.projector.project_(self._layers, self.plan, steps_done)
-        if comm.get_world_size() > 1:
-            # Plain BN running statistics differ across workers, so BN-rectified results can too:
-            # make every worker hold rank 0's projection.
-            for layer in self._layers:
-                if layer.name in self.plan:
-                    torch.distributed.broadcast(layer.conv.weight.data, src=0)
+        # With several workers the layers are shared out, each projected once (with rank 0's BN
+        # statistics) and broadcast, so every worker ends with bit-identical weights and stats.
+        summary = self.projector.project_(self._layers, self.plan, steps_done, distributed=comm.get_world_size() > 1)
         self.trainer.storage.put_scalars(**summary.scalars("lrpet/"), smoothing_hint=False)
 
     def state_dict(self) -> dict:

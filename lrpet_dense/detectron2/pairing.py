@@ -86,10 +86,14 @@ def _pair_norm(name: str, conv: nn.Conv2d) -> Tuple[Optional[nn.Module], Optiona
         return None, None
     n = conv.out_channels
     if isinstance(norm, FrozenBatchNorm2d) or (isinstance(norm, _BatchNorm) and norm.track_running_stats):
-        if getattr(norm, "running_var", None) is None or norm.running_var.numel() != n:
-            return None, (f"{name}: norm {type(norm).__name__} has running_var of size "
-                          f"{getattr(getattr(norm, 'running_var', None), 'numel', lambda: None)()} for {n} "
-                          "output channels; projected without BN rectification")
+        if getattr(norm, "running_var", None) is None:
+            return None, (f"{name}: norm {type(norm).__name__} has no running statistics; projected without BN "
+                          "rectification")
+        if norm.running_var.numel() != n:
+            # Not a model this conv can run in: say so now rather than mis-rectify or fail mid-training.
+            raise ValueError(f"layer {name!r}: its norm {type(norm).__name__} has {norm.running_var.numel()} "
+                             f"channels but the conv has {n} output channels; fix the model, or leave the layer "
+                             "out with LRPET.EXCLUDE")
         return norm, None
     return None, (f"{name}: norm {type(norm).__name__} is not a BatchNorm with running statistics, so BN "
                   "rectification does not apply; projected without it")
@@ -149,6 +153,14 @@ def pair_convs(
     model = unwrap_model(model)
     include = list(include) if include else default_include(model)
     convs = candidate_convs(model)
+    grouped = {n: m.groups for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d) and not isinstance(m, FactorizedConv2d) and m.groups != 1}
+    for p in include:  # a pattern that names only grouped convs asks for what LRPET cannot do
+        hits = [n for n in grouped if match_any(n, [p])]
+        if hits and not any(match_any(n, [p]) for n, _ in convs):
+            raise ValueError(f"include pattern {p!r} selects only grouped/depthwise convs (e.g. {hits[0]!r}, "
+                             f"groups={grouped[hits[0]]}); LRPET projects groups=1 convs only. Remove the pattern "
+                             "from LRPET.INCLUDE")
     by_name = dict(convs)
     selected = select_names([n for n, _ in convs], include, exclude)
     layers, frozen, notes = [], [], []

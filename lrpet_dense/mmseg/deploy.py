@@ -78,7 +78,11 @@ class LRPETEncoderDecoder(EncoderDecoder):
         if plan_data is not None:
             # Runs before the children load (torch and mmengine load the parent first), so the
             # factorised layers are in place when their weights arrive.
-            self.install_plan_(RankPlan.from_dict(plan_data), from_weights=False)
+            try:
+                self.install_plan_(RankPlan.from_dict(plan_data), from_weights=False)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"the compressed checkpoint's LRPET plan does not match this model/config: {e}. "
+                                 "Load it with the config it was compressed with") from e
         elif self.lrpet_plan is not None and any(k.startswith(prefix + "backbone.") for k in state_dict):
             raise ValueError("cannot load a dense checkpoint (no LRPET plan in it) into a factorised model; "
                              "build the model from its config and load the dense weights into that")

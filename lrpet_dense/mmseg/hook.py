@@ -15,6 +15,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from mmengine.dist import get_world_size
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.model import is_model_wrapper
@@ -201,6 +202,9 @@ class LRPETHook(Hook):
             gradient, so projecting them is a one-shot truncation. Defaults to False.
         plan_input_size: ``(H, W)`` used to measure output sizes for the MAC plan. Defaults to the
             config's crop size (``model.data_preprocessor.size``), else 512x512.
+        on_error: when a projection fails (e.g. NaN/Inf weights; no layer is changed either way):
+            ``'raise'`` stops training with the error, naming the layer and the iteration;
+            ``'skip'`` logs it and training goes on. Defaults to ``'raise'``.
     """
 
     # Runs after the optimizer step, before LoggerHook (BELOW_NORMAL) logs the scalars and before
@@ -222,6 +226,7 @@ class LRPETHook(Hook):
         residual: float = 0.0,
         include_frozen: bool = False,
         plan_input_size: Optional[Union[int, Sequence[int]]] = None,
+        on_error: str = "raise",
     ) -> None:
         if (ratio is None) == (target_macs_cut is None):
             raise ValueError(f"LRPETHook: give exactly one of ratio (rank pruning ratio in [0, 1)) and "
@@ -252,7 +257,8 @@ class LRPETHook(Hook):
                 raise ValueError(f"LRPETHook: {name} must be True or False, got {flag!r}")
         try:
             self.projector = LRPETProjector(interval, begin, energy_transfer=energy_transfer,
-                                            bn_rectification=bn_rectification, ridge=ridge, residual=residual)
+                                            bn_rectification=bn_rectification, ridge=ridge, residual=residual,
+                                            on_error=on_error)
         except ValueError as e:
             raise ValueError(f"LRPETHook: {e}") from e
         self.ratio = None if ratio is None else float(ratio)
@@ -309,7 +315,9 @@ class LRPETHook(Hook):
             return
         if not self.projector.should_project(steps_done, is_last):
             return
-        summary = self.projector.project_(self._layers, self.plan, steps_done)
+        # With several ranks the layers are shared out, each projected once (with rank 0's BN
+        # statistics) and broadcast, so every rank ends with bit-identical weights and stats.
+        summary = self.projector.project_(self._layers, self.plan, steps_done, distributed=get_world_size() > 1)
         scalars = summary.scalars()
         scalars["lrpet/num_projections"] = float(self.projector.num_projections)
         # The visualizer records each projection at its own step (scalars.json, TensorBoard, ...).

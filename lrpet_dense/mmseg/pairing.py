@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lrpet_dense.core import ConvBN, FactorizedConv2d, select_names
+from lrpet_dense.core import ConvBN, FactorizedConv2d, match_any, select_names
 
 __all__ = ["is_batchnorm", "pair_conv_bn", "DEFAULT_INCLUDE"]
 
@@ -106,14 +106,27 @@ def pair_conv_bn(
     """
     convs = {}
     parents = {}
+    grouped = {}
     for parent_name, parent in model.named_modules():
         if isinstance(parent, FactorizedConv2d):
             continue
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
                 full = f"{parent_name}.{child_name}" if parent_name else child_name
+                if child.groups != 1:
+                    grouped[full] = child.groups
+                    continue
                 convs[full] = child
                 parents[full] = (parent, child_name)
+    for p in include:  # a pattern that names only grouped convs asks for what LRPET cannot do
+        hits = [n for n in grouped if match_any(n, [p])]
+        if hits and not any(match_any(n, [p]) for n in convs):
+            raise ValueError(f"include pattern {p!r} selects only grouped/depthwise convs (e.g. {hits[0]!r}, "
+                             f"groups={grouped[hits[0]]}); LRPET projects groups=1 convs only. Remove the pattern")
+    left_out = [n for n in grouped if match_any(n, include) and not match_any(n, exclude)]
+    if left_out:
+        logger.warning("LRPET: %d grouped/depthwise conv(s) cannot be projected and are left out: %s",
+                       len(left_out), left_out[:5])
     names = select_names(list(convs), include, exclude)
     pairs, unpaired, frozen = [], [], []
     for name in names:
@@ -123,8 +136,12 @@ def pair_conv_bn(
             continue
         parent, child_name = parents[name]
         bn = _find_norm(parent, child_name)
-        if bn is not None and getattr(bn, "num_features", conv.out_channels) != conv.out_channels:
-            bn = None  # a norm of another width cannot follow this conv directly
+        width = getattr(bn, "num_features", conv.out_channels) if bn is not None else conv.out_channels
+        if width != conv.out_channels:
+            # Not a model this conv can run in: say so now rather than fail at the first projection.
+            raise ValueError(f"layer {name!r}: its BatchNorm {type(bn).__name__} has {width} channels but the conv "
+                             f"has {conv.out_channels} output channels; fix the model, or leave the layer out "
+                             "with the hook's exclude=[...]")
         if bn is None:
             unpaired.append(name)
         pairs.append(ConvBN(name, conv, bn))

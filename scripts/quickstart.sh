@@ -1,35 +1,65 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: generate a small PASCAL-VOC-format dataset, train Faster
-# R-CNN R50-C4 (detectron2) and PSPNet R50-D8 (mmseg) on it with LRPET through the same entry
-# points a real user uses, then compress both into factorised checkpoints.
-# Output: output/quickstart/ (dataset, detectron2 run, mmseg run, compressed checkpoints, logs).
+# R-CNN R50-C4 (detectron2) and PSPNet R50-D8 (mmseg) on it from random init with LRPET, through the
+# same entry points a real user uses, compress both into factorised checkpoints, measure them and
+# print one report (accuracy vs chance, params/MACs, CPU latency, rank plan, figures).
+# Output: output/quickstart/ (dataset, runs, compressed checkpoints, logs, det/report, seg/report,
+# report.md). Environment: LRPET_QUICKSTART_OUT (output folder), PYTHON (interpreter).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 OUT=${LRPET_QUICKSTART_OUT:-$ROOT/output/quickstart}
+DET_CFG=configs/toy/faster_rcnn_lrpet_quickstart.yaml
+SEG_CFG=configs/toy/pspnet_r50-d8_lrpet_quickstart.py
 mkdir -p "$OUT"
 start=$(date +%s)
 log() { echo "[quickstart $(( $(date +%s) - start ))s] $*"; }
+# Run a step with its full output in a log file, showing only the lines that matter live (the
+# frameworks' per-N-iteration loggers, projections, evaluation); on failure show the log's tail.
+run() {
+  local logfile=$1 pattern=$2; shift 2
+  if ! "$@" 2>&1 | tee "$logfile" | { grep --line-buffered -E "$pattern" || true; }; then
+    echo "FAILED: $* (full log: $logfile)"; tail -n 40 "$logfile"; exit 1
+  fi
+}
+export LRPET_TOY_VOC="$OUT/toy_voc/VOCdevkit" LRPET_TOY_VOC_ROOT="$OUT/toy_voc"
 
-log "generating the toy VOC dataset in $OUT/toy_voc"
-"$PY" -m lrpet_dense.data.toy_voc "$OUT/toy_voc" --train 16 --test 8 --size 128
+log "generating the toy VOC dataset in $OUT/toy_voc (64 train / 16 test images, 128px, 3 classes)"
+"$PY" -m lrpet_dense.data.toy_voc "$OUT/toy_voc" --train 64 --test 16 --size 128 \
+  --max-objects 2 --object-size 0.3 0.6 --noise 6
 
-log "detectron2: training Faster R-CNN R50-C4 with LRPET (tools/train_det.py)"
-LRPET_TOY_VOC="$OUT/toy_voc/VOCdevkit" "$PY" tools/train_det.py \
-  --config configs/toy/faster_rcnn_lrpet_toy.yaml OUTPUT_DIR "$OUT/det" > "$OUT/det_train.log" 2>&1 \
-  || { tail -n 40 "$OUT/det_train.log"; exit 1; }
-grep -E "lrpet|AP" "$OUT/det_train.log" | tail -n 8 || true
-log "detectron2: compressing"
-LRPET_TOY_VOC="$OUT/toy_voc/VOCdevkit" "$PY" tools/compress_det.py --config configs/toy/faster_rcnn_lrpet_toy.yaml \
-  --checkpoint "$OUT/det/model_final.pth" --output "$OUT/det/model_compressed.pth"
+log "detectron2: training Faster R-CNN R50-C4 with LRPET from random init (tools/train_det.py, $DET_CFG)"
+run "$OUT/det_train.log" "iter: |LRPET projection|copypaste: [0-9]|Total training time" \
+  "$PY" tools/train_det.py --config "$DET_CFG" OUTPUT_DIR "$OUT/det"
+log "detectron2: compressing (tools/compress_det.py)"
+run "$OUT/det_compress.log" "^factorised|^backbone:|^model:" \
+  "$PY" tools/compress_det.py --config "$DET_CFG" --checkpoint "$OUT/det/model_final.pth" \
+  --output "$OUT/det/model_compressed.pth"
 
 MMSEG_TRAIN=$("$PY" -c "import mmseg, os; print(os.path.join(os.path.dirname(mmseg.__file__), '.mim', 'tools', 'train.py'))")
-log "mmseg: training PSPNet R50-D8 with LRPETHook (mmseg's own tools/train.py)"
-LRPET_TOY_VOC_ROOT="$OUT/toy_voc" "$PY" "$MMSEG_TRAIN" configs/toy/pspnet_r50-d8_lrpet_toy.py \
-  --work-dir "$OUT/seg" > "$OUT/seg_train.log" 2>&1 || { tail -n 40 "$OUT/seg_train.log"; exit 1; }
-grep -E "lrpet|mIoU" "$OUT/seg_train.log" | tail -n 6 || true
-log "mmseg: compressing"
-LRPET_TOY_VOC_ROOT="$OUT/toy_voc" "$PY" tools/compress_seg.py configs/toy/pspnet_r50-d8_lrpet_toy.py \
-  "$OUT/seg/iter_3.pth" "$OUT/seg/model_compressed.pth"
-log "done: outputs in $OUT"
+log "mmseg: training PSPNet R50-D8 with LRPETHook from random init (mmseg's own tools/train.py, $SEG_CFG)"
+run "$OUT/seg_train.log" "Iter\(train\)|LRPET projection|Iter\(val\).*mIoU" \
+  "$PY" "$MMSEG_TRAIN" "$SEG_CFG" --work-dir "$OUT/seg"
+SEG_CKPT=$(cat "$OUT/seg/last_checkpoint")
+log "mmseg: compressing (tools/compress_seg.py)"
+run "$OUT/seg_compress.log" "^factorised|^backbone|^model" \
+  "$PY" tools/compress_seg.py "$SEG_CFG" "$SEG_CKPT" "$OUT/seg/model_compressed.pth"
+
+log "report: detectron2 model (accuracy vs chance, params/MACs, CPU latency, spectra)"
+run "$OUT/det_report.log" "^report written|Evaluation results|copypaste: [0-9]" \
+  "$PY" tools/report.py det --config "$DET_CFG" --checkpoint "$OUT/det/model_final.pth" \
+  --compressed "$OUT/det/model_compressed.pth" --out "$OUT/det/report" --repeats 5 --warmup 1 --quiet
+log "report: mmseg model"
+run "$OUT/seg_report.log" "^report written|mIoU:" \
+  "$PY" tools/report.py seg "$SEG_CFG" "$SEG_CKPT" "$OUT/seg/model_compressed.pth" --out "$OUT/seg/report" \
+  --repeats 5 --warmup 1 --quiet
+"$PY" tools/report.py summary "$OUT/det/report" "$OUT/seg/report" --out "$OUT/report.md" > /dev/null
+
+echo
+cat "$OUT/det/report/report.md"
+echo
+cat "$OUT/seg/report/report.md"
+echo
+cat "$OUT/report.md"
+log "done in $(( $(date +%s) - start ))s: summary $OUT/report.md; reports $OUT/det/report/report.md and $OUT/seg/report/report.md (+ report.json, PNG figures)"

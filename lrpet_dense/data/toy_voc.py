@@ -12,12 +12,14 @@ colour so a model can learn it quickly.
 
 Usage::
 
-    python -m lrpet_dense.data.toy_voc OUT_DIR [--train 48] [--test 16] [--size 160]
+    python -m lrpet_dense.data.toy_voc OUT_DIR [--train 48] [--test 16] [--size 160] \\
+        [--max-objects 3] [--object-size 0.2 0.5] [--noise 12]
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 from typing import Dict, List, Sequence, Tuple
@@ -59,21 +61,24 @@ def _palette() -> List[int]:
     return pal
 
 
-def _draw_scene(rng: random.Random, size: int):
+def _draw_scene(rng: random.Random, size: int, max_objects: int = 3, object_size: Tuple[float, float] = (0.2, 0.5),
+                noise: float = 12.0):
     img = Image.new("RGB", (size, size))
     # textured background: smooth gradient plus noise, so the task is not trivial
     yy, xx = np.mgrid[0:size, 0:size]
     base = np.stack([(xx * rng.uniform(0.2, 0.6)) % 120 + 60, (yy * rng.uniform(0.2, 0.6)) % 120 + 60,
                      np.full_like(xx, rng.randint(60, 180))], -1).astype(np.float32)
-    noise = np.random.default_rng(rng.randint(0, 2**31)).normal(0, 12, base.shape)
-    img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+    pixel_noise = np.random.default_rng(rng.randint(0, 2**31)).normal(0, noise, base.shape)
+    img = Image.fromarray(np.clip(base + pixel_noise, 0, 255).astype(np.uint8))
     mask = Image.new("L", (size, size), 0)
     d_img, d_mask = ImageDraw.Draw(img), ImageDraw.Draw(mask)
     objects = []
-    for _ in range(rng.randint(1, 3)):
+    # exact floors (1e-9 guards float round-off), so the defaults give size // 5 and size // 2
+    lo, hi = (int(math.floor(size * f + 1e-9)) for f in object_size)
+    for _ in range(rng.randint(1, max_objects)):
         cls = rng.choice(TOY_CLASSES)
         shape, colour = _STYLE[cls]
-        w, h = rng.randint(size // 5, size // 2), rng.randint(size // 5, size // 2)
+        w, h = rng.randint(lo, hi), rng.randint(lo, hi)
         x0, y0 = rng.randint(0, size - w - 1), rng.randint(0, size - h - 1)
         box = (x0, y0, x0 + w, y0 + h)
         colour = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in colour)
@@ -102,10 +107,11 @@ def _xml(image_id: str, size: int, objects: Sequence[Tuple[str, Tuple[int, int, 
             f"<segmented>1</segmented>{objs}</annotation>\n")
 
 
-def make_toy_voc(root: str, num_train: int = 48, num_test: int = 16, size: int = 160, seed: int = 0) -> str:
+def make_toy_voc(root: str, num_train: int = 48, num_test: int = 16, size: int = 160, seed: int = 0, *,
+                 max_objects: int = 3, object_size: Tuple[float, float] = (0.2, 0.5), noise: float = 12.0) -> str:
     """Write ``root/VOCdevkit/VOC2007`` and ``root/VOCdevkit/VOC2012`` and return ``root/VOCdevkit``.
 
-    Deterministic for a given ``(num_train, num_test, size, seed)``. Existing files are overwritten.
+    Deterministic for given arguments. Existing files are overwritten.
 
     Args:
         root: output folder (created).
@@ -113,9 +119,24 @@ def make_toy_voc(root: str, num_train: int = 48, num_test: int = 16, size: int =
         num_test: images in ``test`` (VOC2007) / ``val`` (VOC2012). Defaults to 16.
         size: square image side in pixels. Defaults to 160.
         seed: random seed. Defaults to 0.
+        max_objects: each image holds 1 to ``max_objects`` objects (>= 1). Defaults to 3.
+        object_size: ``(min, max)`` box side as a fraction of ``size``, ``0 < min <= max < 1``.
+            Defaults to ``(0.2, 0.5)``.
+        noise: standard deviation of the background's Gaussian pixel noise (>= 0). Defaults to 12.
+
+    Example:
+        >>> devkit = make_toy_voc("/tmp/toy", num_train=8, num_test=4, size=96)  # doctest: +SKIP
     """
     if num_train < 1 or num_test < 1 or size < 32:
         raise ValueError(f"need num_train >= 1, num_test >= 1, size >= 32; got {num_train}, {num_test}, {size}")
+    if isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < 1:
+        raise ValueError(f"max_objects must be an integer >= 1, got {max_objects!r}")
+    object_size = tuple(float(f) for f in object_size)
+    if len(object_size) != 2 or not 0 < object_size[0] <= object_size[1] < 1 or int(size * object_size[0]) < 2:
+        raise ValueError(f"object_size must be (min, max) fractions with 0 < min <= max < 1 and min * size >= 2, "
+                         f"got {object_size!r} for size {size}")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
     devkit = os.path.join(root, "VOCdevkit")
     pal = _palette()
     for year in ("2007", "2012"):
@@ -125,7 +146,7 @@ def make_toy_voc(root: str, num_train: int = 48, num_test: int = 16, size: int =
             os.makedirs(os.path.join(base, sub), exist_ok=True)
         ids = [f"{year}_{i:06d}" for i in range(num_train + num_test)]
         for image_id in ids:
-            img, mask, objects = _draw_scene(rng, size)
+            img, mask, objects = _draw_scene(rng, size, max_objects, object_size, noise)
             img.save(os.path.join(base, "JPEGImages", image_id + ".jpg"), quality=95)
             mask.putpalette(pal)
             mask.save(os.path.join(base, "SegmentationClass", image_id + ".png"))
@@ -148,9 +169,14 @@ def main(argv=None) -> None:
     parser.add_argument("--test", type=int, default=16)
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-objects", type=int, default=3, help="1 to this many objects per image")
+    parser.add_argument("--object-size", type=float, nargs=2, default=(0.2, 0.5), metavar=("MIN", "MAX"),
+                        help="box side range as a fraction of the image side")
+    parser.add_argument("--noise", type=float, default=12.0, help="std of the background pixel noise")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    make_toy_voc(args.root, args.train, args.test, args.size, args.seed)
+    make_toy_voc(args.root, args.train, args.test, args.size, args.seed, max_objects=args.max_objects,
+                 object_size=tuple(args.object_size), noise=args.noise)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .projection import ConvBN, LayerStats, compute_layer_projections, project_layers_
+from .projection import ConvBN, LayerStats, compute_layer_projections, layer_cost, project_layers_
 from .rank import RankPlan
 
 __all__ = ["DistributedProjectionError", "assign_layers", "layer_cost", "project_layers_distributed_"]
@@ -67,16 +67,6 @@ class _BNStats(NamedTuple):
     running_var: Tensor
     weight: Optional[Tensor]
     eps: float
-
-
-def layer_cost(shape: Sequence[int]) -> int:
-    """Relative cost of projecting a weight of ``shape``: Gram matrix ``n*d*m`` plus eigensolver ``m^3``."""
-    n = int(shape[0])
-    d = 1
-    for s in shape[1:]:
-        d *= int(s)
-    m = min(n, d)
-    return n * d * m + m ** 3
 
 
 def assign_layers(costs: Sequence[int], world_size: int) -> List[int]:

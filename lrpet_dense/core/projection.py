@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .rank import RankPlan
 
 __all__ = ["ConvBN", "LayerStats", "lrpet_project", "project_layers_", "bn_scale_of", "compute_projection",
-           "compute_layer_projections"]
+           "compute_layer_projections", "layer_cost"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +244,19 @@ def lrpet_project(
                               ridge=ridge, residual=residual)[0]
 
 
+def layer_cost(shape: Sequence[int]) -> int:
+    """Relative cost of projecting a weight of ``shape``: Gram matrix ``n*d*m`` plus eigensolver ``m^3``.
+
+    Used to balance layers over threads and over ranks (largest first).
+    """
+    n = int(shape[0])
+    d = 1
+    for s in shape[1:]:
+        d *= int(s)
+    m = min(n, d)
+    return n * d * m + m ** 3
+
+
 def _map_layers(fn, jobs: Sequence, cost: Sequence[float]) -> List:
     """``[fn(*job) for job in jobs]``, on CPU spread over threads with one BLAS thread each.
 
@@ -332,12 +345,7 @@ def compute_layer_projections(
         return layer, new, LayerStats(layer.name, rank, min(w.shape[0], w[0].numel()), kept,
                                       change / denom if denom > 0 else 0.0)
 
-    def cost(w: Tensor) -> float:
-        n, d = w.shape[0], w[0].numel()
-        m = min(n, d)
-        return m * m * (max(n, d) + 4 * m)  # Gram + products, plus eigh
-
-    return _map_layers(one, [(w, layer, r, a) for layer, w, r, a in todo], [cost(t[1]) for t in todo])
+    return _map_layers(one, [(w, layer, r, a) for layer, w, r, a in todo], [layer_cost(t[1].shape) for t in todo])
 
 
 def project_layers_(

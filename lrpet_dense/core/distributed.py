@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .projection import ConvBN, LayerStats, compute_layer_projections, layer_cost, project_layers_
+from .projection import (ConvBN, LayerStats, compute_layer_projections, layer_cost, plan_ranks,
+                         project_layers_)
 from .rank import RankPlan
 
 __all__ = ["DistributedProjectionError", "assign_layers", "layer_cost", "project_layers_distributed_"]
@@ -191,12 +192,7 @@ def project_layers_distributed_(
     todo: List[Tuple[ConvBN, int]] = []
     signature = 0
     try:
-        ranks: Dict[str, int] = plan.ranks if isinstance(plan, RankPlan) else dict(plan)
-        present = {l.name for l in layers}
-        missing = [n for n in ranks if n not in present]
-        if missing:
-            raise ValueError(f"{len(missing)} planned layer(s) not found in the model: {missing[:5]}. "
-                             "The plan does not belong to this model.")
+        ranks = plan_ranks(layers, plan)
         todo = [(l, ranks[l.name]) for l in layers if l.name in ranks]
         shapes = [tuple(l.conv.weight.shape) for l, _ in todo]
         signature = _signature([l.name for l, _ in todo], shapes, [k for _, k in todo])

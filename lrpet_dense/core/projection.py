@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .rank import RankPlan
 
 __all__ = ["ConvBN", "LayerStats", "lrpet_project", "project_layers_", "bn_scale_of", "compute_projection",
-           "compute_layer_projections", "layer_cost"]
+           "compute_layer_projections", "layer_cost", "plan_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +291,17 @@ def _map_layers(fn, jobs: Sequence, cost: Sequence[float]) -> List:
         torch.set_num_threads(threads)
 
 
+def plan_ranks(layers: Sequence[ConvBN], plan: Union[RankPlan, Mapping[str, int]]) -> Dict[str, int]:
+    """``{name: rank}`` of ``plan``, checking that every planned layer is among ``layers``."""
+    ranks: Dict[str, int] = plan.ranks if isinstance(plan, RankPlan) else dict(plan)
+    present = {l.name for l in layers}
+    missing = [n for n in ranks if n not in present]
+    if missing:
+        raise ValueError(f"{len(missing)} planned layer(s) not found in the model: {missing[:5]}. "
+                         "The plan does not belong to this model.")
+    return ranks
+
+
 def compute_layer_projections(
     layers: Sequence[ConvBN],
     plan: Union[RankPlan, Mapping[str, int]],
@@ -306,12 +317,7 @@ def compute_layer_projections(
         ``(layer, new_weight, stats)`` per planned layer, in ``layers`` order.
     """
     _validate_args(ridge, residual)
-    ranks: Dict[str, int] = plan.ranks if isinstance(plan, RankPlan) else dict(plan)
-    by_name = {l.name: l for l in layers}
-    missing = [n for n in ranks if n not in by_name]
-    if missing:
-        raise ValueError(f"{len(missing)} planned layer(s) not found in the model: {missing[:5]}. "
-                         "The plan does not belong to this model.")
+    ranks = plan_ranks(layers, plan)
     todo = []
     for layer in layers:
         name, conv, bn = layer

@@ -28,10 +28,9 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.env import seed_all_rng
 
-from lrpet_dense.core import FactorizedConv2d
 from lrpet_dense.io import load_checkpoint_safe
-from lrpet_dense.report import (initial_weights_match, load_projection_history, measure_latency, singular_values,
-                                spectra_layers)
+from lrpet_dense.report import (check_same_plan, factorized_layer_names, history_section, initial_weights_match,
+                                latency_section, measure_latency, spectra_section)
 
 from .deploy import count_flops_params, plan_from_checkpoint
 
@@ -184,18 +183,13 @@ def measure_detectron2(
 
     plan = plan_from_checkpoint(load_checkpoint_safe(checkpoint))
     cplan = plan_from_checkpoint(load_checkpoint_safe(compressed))
-    if plan is None or cplan is None:
-        raise ValueError(f"{checkpoint if plan is None else compressed!r} carries no LRPET plan")
-    if plan.ranks != cplan.ranks:
-        raise ValueError(f"the plans of {checkpoint!r} and {compressed!r} differ: not the same run")
+    check_same_plan(plan, cplan, checkpoint, compressed)
 
     dense = build_model(cfg)
     DetectionCheckpointer(dense).load(checkpoint)
     fact = build_model(cfg)
     DetectionCheckpointer(fact).load(compressed)
-    factorized = sorted(n for n, m in fact.named_modules() if isinstance(m, FactorizedConv2d))
-    if not factorized:
-        raise ValueError(f"{compressed!r} did not load as a factorised model (no FactorizedConv2d)")
+    factorized = factorized_layer_names(fact, compressed)
     dense.eval()
     fact.eval()
 
@@ -213,10 +207,8 @@ def measure_detectron2(
         "notes": [],
     }
     logger.info("report: measuring CPU latency (%d runs each)", latency_repeats)
-    lat_d = _latency(dense, hw, latency_repeats, latency_warmup, threads)
-    lat_f = _latency(fact, hw, latency_repeats, latency_warmup, threads)
-    data["latency"] = {"threads": lat_d["model"]["threads"], "repeats": latency_repeats, "warmup": latency_warmup,
-                       "device": "CPU", "dense": lat_d, "factorized": lat_f}
+    data["latency"] = latency_section(lambda m: _latency(m, hw, latency_repeats, latency_warmup, threads),
+                                      dense, fact, latency_repeats, latency_warmup)
 
     if evaluate:
         ds = cfg.DATASETS.TEST[0]
@@ -227,17 +219,10 @@ def measure_detectron2(
         data["accuracy"] = {"metric": metric, "dataset": ds, "evaluator": desc, "dense": ap_d, "factorized": ap_f,
                             "chance": chance, "chance_method": how}
 
-    try:
-        data["history"] = load_projection_history(run_dir)
-    except FileNotFoundError as e:
-        data["history"] = []
-        data["notes"].append(f"no projection history: {e}")
+    data["history"] = history_section(run_dir, data["notes"])
 
     init_model, source = _initial_model(cfg, initial)
-    names = spectra_layers(list(plan.layers), num_spectra)
-    data["spectra"] = {"initial_source": source, "layers": {
-        n: {"rank": plan[n].rank, "initial": singular_values(init_model.get_submodule(n).weight),
-            "final": singular_values(dense.get_submodule(n).weight)} for n in names}}
+    data["spectra"] = spectra_section(plan, init_model, dense, source, num_spectra)
     frozen = [n + ".weight" for n, m in dense.named_modules()
               if isinstance(m, nn.Conv2d) and not m.weight.requires_grad]
     same = None if initial else initial_weights_match(init_model.state_dict(), dense.state_dict(), frozen)

@@ -25,9 +25,10 @@ from mmengine.runner import Runner, set_random_seed
 from mmengine.structures import PixelData
 from torch import nn
 
-from lrpet_dense.core import FactorizedConv2d, RankPlan
+from lrpet_dense.core import RankPlan
 from lrpet_dense.io import load_checkpoint_safe
-from lrpet_dense.report import load_projection_history, measure_latency, singular_values, spectra_layers
+from lrpet_dense.report import (check_same_plan, factorized_layer_names, history_section, latency_section,
+                                measure_latency, spectra_section)
 
 from .deploy import PLAN_KEY, complexity
 from .hook import CHECKPOINT_KEY
@@ -128,16 +129,11 @@ def measure_mmseg(
     run_dir = run_dir or os.path.dirname(os.path.abspath(checkpoint))
     plan = _plan_of(load_checkpoint_safe(checkpoint))
     cplan = _plan_of(load_checkpoint_safe(compressed))
-    if plan is None or cplan is None:
-        raise ValueError(f"{checkpoint if plan is None else compressed!r} carries no LRPET plan")
-    if plan.ranks != cplan.ranks:
-        raise ValueError(f"the plans of {checkpoint!r} and {compressed!r} differ: not the same run")
+    check_same_plan(plan, cplan, checkpoint, compressed)
 
     dense = init_model(copy.deepcopy(cfg), checkpoint, device="cpu")
     fact = init_model(copy.deepcopy(cfg), compressed, device="cpu")
-    factorized = sorted(n for n, m in fact.named_modules() if isinstance(m, FactorizedConv2d))
-    if not factorized:
-        raise ValueError(f"{compressed!r} did not load as a factorised model (no FactorizedConv2d)")
+    factorized = factorized_layer_names(fact, compressed)
     dense.eval()
     fact.eval()
     size = getattr(dense.data_preprocessor, "size", None) or (512, 512)
@@ -158,10 +154,8 @@ def measure_mmseg(
         "notes": [],
     }
     logger.info("report: measuring CPU latency (%d runs each)", latency_repeats)
-    lat_d = _latency(dense, hw, latency_repeats, latency_warmup, threads)
-    lat_f = _latency(fact, hw, latency_repeats, latency_warmup, threads)
-    data["latency"] = {"threads": lat_d["model"]["threads"], "repeats": latency_repeats, "warmup": latency_warmup,
-                       "device": "CPU", "dense": lat_d, "factorized": lat_f}
+    data["latency"] = latency_section(lambda m: _latency(m, hw, latency_repeats, latency_warmup, threads),
+                                      dense, fact, latency_repeats, latency_warmup)
 
     if evaluate:
         logger.info("report: evaluating the dense and the factorised model")
@@ -175,11 +169,7 @@ def measure_mmseg(
             "dense": float(m_d[metric]), "factorized": float(m_f[metric]), "chance": float(m_c[metric]),
             "chance_method": "every pixel predicted background (the most frequent class)"}
 
-    try:
-        data["history"] = load_projection_history(run_dir)
-    except FileNotFoundError as e:
-        data["history"] = []
-        data["notes"].append(f"no projection history: {e}")
+    data["history"] = history_section(run_dir, data["notes"])
 
     if initial:
         init_model_ = init_model(copy.deepcopy(cfg), initial, device="cpu")
@@ -194,8 +184,5 @@ def measure_mmseg(
         init_model_.init_weights()
         source = (f"a model freshly built and initialised from the config (seed {seed}); the same "
                   "initialisation scheme as the trained one, not necessarily the same draw")
-    names = spectra_layers(list(plan.layers), num_spectra)
-    data["spectra"] = {"initial_source": source, "layers": {
-        n: {"rank": plan[n].rank, "initial": singular_values(init_model_.get_submodule(n).weight),
-            "final": singular_values(dense.get_submodule(n).weight)} for n in names}}
+    data["spectra"] = spectra_section(plan, init_model_, dense, source, num_spectra)
     return data

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["measure_latency", "singular_values", "spectra_layers", "initial_weights_match"]
+__all__ = ["measure_latency", "singular_values", "spectra_layers", "initial_weights_match", "check_same_plan",
+           "factorized_layer_names", "latency_section", "spectra_section", "history_section"]
 
 
 def measure_latency(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
@@ -82,3 +83,49 @@ def initial_weights_match(initial: Mapping[str, torch.Tensor], final: Mapping[st
         return None
     return all(torch.equal(initial[k].detach().cpu(), final[k].detach().cpu()) for k in keys)
 
+
+
+# -- the parts of a report that both adapters measure the same way --------------------------------
+def check_same_plan(plan, cplan, checkpoint: str, compressed: str) -> None:
+    """Raise unless both checkpoints carry a plan and it is the same (one run, dense and compressed)."""
+    if plan is None or cplan is None:
+        raise ValueError(f"{checkpoint if plan is None else compressed!r} carries no LRPET plan")
+    if plan.ranks != cplan.ranks:
+        raise ValueError(f"the plans of {checkpoint!r} and {compressed!r} differ: not the same run")
+
+
+def factorized_layer_names(model: nn.Module, compressed: str) -> List[str]:
+    """Names of the factorised convs of ``model`` (loaded from ``compressed``); an error if none."""
+    from lrpet_dense.core import FactorizedConv2d
+
+    names = sorted(n for n, m in model.named_modules() if isinstance(m, FactorizedConv2d))
+    if not names:
+        raise ValueError(f"{compressed!r} did not load as a factorised model (no FactorizedConv2d)")
+    return names
+
+
+def latency_section(latency_of: Callable[[nn.Module], Dict[str, Any]], dense: nn.Module, fact: nn.Module,
+                    repeats: int, warmup: int) -> Dict[str, Any]:
+    """The report's ``latency`` entry: ``latency_of(model)`` (``{part: measure_latency(...)}``) of both."""
+    lat_d, lat_f = latency_of(dense), latency_of(fact)
+    return {"threads": lat_d["model"]["threads"], "repeats": repeats, "warmup": warmup,
+            "device": "CPU", "dense": lat_d, "factorized": lat_f}
+
+
+def history_section(run_dir: str, notes: List[str]) -> List[Dict[str, Any]]:
+    """The run's projection history, or ``[]`` with a note saying why there is none."""
+    from .history import load_projection_history
+
+    try:
+        return load_projection_history(run_dir)
+    except FileNotFoundError as e:
+        notes.append(f"no projection history: {e}")
+        return []
+
+
+def spectra_section(plan, initial: nn.Module, final: nn.Module, source: str, count: int) -> Dict[str, Any]:
+    """The report's ``spectra`` entry: singular values of ``count`` planned layers before and after."""
+    names = spectra_layers(list(plan.layers), count)
+    return {"initial_source": source, "layers": {
+        n: {"rank": plan[n].rank, "initial": singular_values(initial.get_submodule(n).weight),
+            "final": singular_values(final.get_submodule(n).weight)} for n in names}}

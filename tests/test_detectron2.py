@@ -371,12 +371,14 @@ def test_compressed_loads_and_predicts_like_dense(run_a, compressed, toy_voc):
         a, b = dense(img)["instances"], small(img)["instances"]
         assert len(a) == len(b) > 0
         torch.testing.assert_close(b.scores, a.scores, rtol=1e-3, atol=1e-4)
-        # detections whose scores tie to round-off may swap places: match them as a set
+        # detections whose scores tie to round-off may swap places: match them as a set. Box
+        # coordinates get the scores' tolerance (rtol 1e-3, atol 1e-4): float32 round-off through the
+        # box-delta exp() moves coordinates of ~100 px by up to ~0.01 px here.
         ba, bb = a.pred_boxes.tensor, b.pred_boxes.tensor
         for i in range(len(b)):
             same = (a.pred_classes == b.pred_classes[i]) & ((a.scores - b.scores[i]).abs() <= 1e-4)
-            dist = (ba[same] - bb[i]).abs().amax(dim=1)
-            assert dist.numel() and dist.min() <= 1e-2, f"detection {i} of the compressed model has no dense match"
+            excess = ((ba[same] - bb[i]).abs() - (1e-4 + 1e-3 * bb[i].abs())).amax(dim=1)
+            assert excess.numel() and excess.min() <= 0, f"detection {i} of the compressed model has no dense match"
 
 
 @pytest.mark.timeout(600)

@@ -458,3 +458,42 @@ def test_project_layers_threaded_failure_names_first_layer_and_restores_threads(
         assert torch.equal(net[0].weight, snapshot["0.weight"])
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("residual", [0.0, 0.3])
+def test_layer_projections_reuse_no_buffer_between_layers(threads, residual):
+    """Per-thread scratch buffers are reused from layer to layer: every result must still equal the
+    layer projected on its own, own its storage, and survive the next call unchanged. The mix covers
+    the kept-basis and dropped-basis paths, BNR, a full-rank entry and an all-zero weight with BN."""
+    from lrpet_dense.core import compute_layer_projections
+
+    torch.manual_seed(3)
+    convs = [nn.Conv2d(24, 24, 3, bias=False) for _ in range(5)] + [nn.Conv2d(24, 48, 1, bias=False)]
+    bns = [nn.BatchNorm2d(c.out_channels) for c in convs]
+    for bn in bns:
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        convs[4].weight.zero_()
+    layers = [ConvBN(str(i), c, bns[i] if i % 2 == 0 else None) for i, c in enumerate(convs)]
+    plan = {"0": 5, "1": 20, "2": 24, "3": 12, "4": 7, "5": 17}  # k < m/2, k > m/2, full rank, ...
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = compute_layer_projections(layers, plan, residual=residual)
+        kept = [new.clone() for _, new, _ in results]
+        compute_layer_projections(layers[::-1], plan, residual=residual)  # reuses the buffers again
+        torch.set_num_threads(1)
+        alone = [lrpet_project(l.conv.weight, plan[l.name], residual=residual,
+                               bn_scale=None if l.bn is None else bn_scale_of(l.bn)) for l in layers]
+    finally:
+        torch.set_num_threads(before)
+    ptrs = set()
+    for (layer, new, _), copy, ref in zip(results, kept, alone):
+        assert torch.equal(new, copy), layer.name  # not overwritten by the second call
+        assert torch.equal(new, ref), layer.name
+        assert new.untyped_storage().data_ptr() not in ptrs, layer.name
+        assert new.untyped_storage().data_ptr() != layer.conv.weight.untyped_storage().data_ptr()
+        ptrs.add(new.untyped_storage().data_ptr())
+    assert torch.count_nonzero(results[4][1]) == 0

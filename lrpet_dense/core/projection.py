@@ -210,16 +210,15 @@ def _project_matrix(M: Tensor, k: int, energy_transfer: bool, residual: float, t
     if energy_transfer:
         tail = max(total - kept, 0.0)
         alpha = math.sqrt(max(total - residual ** 2 * tail, 0.0) / kept)
-    if top and not residual:  # the result is alpha * Q B: scale the thin Q, not the result
-        Q = Q.mul_(alpha) if alpha != 1.0 else Q
-        return (Q @ B if left else B @ Q.T), kept / total
+    if not residual:  # one GEMM writes the result: alpha * Q B, or alpha * (M - Q B) for the dropped basis
+        if top:
+            Q = Q.mul_(alpha) if alpha != 1.0 else Q  # scale the thin basis, not the result
+            return (Q @ B if left else B @ Q.T), kept / total
+        out = torch.addmm(M, Q, B, beta=alpha, alpha=-alpha) if left else torch.addmm(M, B, Q.T, beta=alpha, alpha=-alpha)
+        return out, kept / total
     part = Q @ B if left else B @ Q.T
     Mk = part if top else part.neg_().add_(M)  # part is a fresh tensor: reuse it
-    if residual:
-        out = Mk * alpha + residual * (M - Mk)
-    else:
-        out = Mk.mul_(alpha) if alpha != 1.0 else Mk
-    return out, kept / total
+    return Mk * alpha + residual * (M - Mk), kept / total
 
 
 def _validate_args(ridge: float, residual: float) -> None:

@@ -24,16 +24,20 @@ Example:
 """
 from __future__ import annotations
 
+import json
 import logging
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .rank import RankPlan
+from .macs import factorization_saves
+from .rank import LayerPlan, RankPlan
 
-__all__ = ["FactorizedConv2d", "PointwiseConv2d", "factorize_", "build_factorized_", "get_submodule",
-           "set_submodule"]
+__all__ = ["FactorizedConv2d", "PointwiseConv2d", "factorize_", "build_factorized_", "enable_compressed_loading_",
+           "check_trainable_",
+           "compressed_state_dict", "plan_in_state_dict", "model_plan", "PLAN_STATE_KEY", "PLAN_METADATA_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,20 +173,80 @@ class FactorizedConv2d(nn.Module):
         return new
 
 
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
+# -- model surgery ------------------------------------------------------------------------------------
+def _is_bookkeeping(attr: str) -> bool:
+    """``nn.Module`` attributes that hold parameters, buffers, children or hooks, not user references."""
+    return attr in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set") or "hook" in attr
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+def _replace_in(container, key, value, old: nn.Module, new: nn.Module, undo: list, depth: int) -> int:
+    """Replace ``old`` by ``new`` in ``container[key] = value`` and in lists, tuples and dicts under it."""
+    if value is old:
+        undo.append((container, key, value))
+        container[key] = new
+        return 1
+    if depth >= 4 or isinstance(value, nn.Module):  # modules are visited on their own
+        return 0
+    if isinstance(value, list):
+        return sum(_replace_in(value, i, v, old, new, undo, depth + 1) for i, v in enumerate(list(value)))
+    if isinstance(value, dict):
+        return sum(_replace_in(value, k, v, old, new, undo, depth + 1) for k, v in list(value.items()))
+    if isinstance(value, tuple):
+        items = list(value)
+        count = sum(_replace_in(items, i, v, old, new, undo, depth + 1) for i, v in enumerate(value))
+        if count:
+            rebuilt = type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+            undo.append((container, key, value))
+            container[key] = rebuilt
+        return count
+    return 0
+
+
+def _replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module, undo: list) -> int:
+    """Replace every reference to ``old`` that a module of ``root`` holds by ``new``; returns how many.
+
+    Covers registered children (under any number of names) and plain attributes, including lists,
+    tuples and dicts of modules kept next to the registered ones: detectron2's ``FPN`` keeps its
+    lateral/output convs both as ``fpn_lateral2``... and in the lists ``lateral_convs`` /
+    ``output_convs`` that its ``forward`` uses. Each change is recorded in ``undo``.
+    """
+    count = 0
+    for module in list(root.modules()):
+        if module is old:
+            continue
+        for key, child in list(module._modules.items()):
+            if child is old:
+                undo.append((module._modules, key, child))
+                module._modules[key] = new
+                count += 1
+        for attr, value in list(vars(module).items()):
+            if not _is_bookkeeping(attr):
+                count += _replace_in(module.__dict__, attr, value, old, new, undo, 0)
+    return count
+
+
+class _ReplacedModuleCalled(RuntimeError):
+    pass
+
+
+def _refuse_replaced_call(name: str):
+    def hook(module, args):
+        raise _ReplacedModuleCalled(
+            f"LRPET: {name!r} was replaced by its factorised form, but the model still calls the original "
+            "module through a reference outside the module tree that the surgery could not replace (e.g. a "
+            "closure or a non-module object). Its outputs would be wrong, so this stops here; please report "
+            "the model type.")
+    return hook
 
 
 def _surgery(model: nn.Module, plan: Union[RankPlan, Dict[str, int]],
              make: Callable[[nn.Conv2d, int], FactorizedConv2d]) -> List[str]:
     ranks = plan.ranks if isinstance(plan, RankPlan) else dict(plan)
-    todo: List[Tuple[str, FactorizedConv2d]] = []
+    if getattr(model, PLAN_ATTR, None) is not None:
+        raise ValueError("the model is already factorised with an LRPET plan; build a fresh model to factorise "
+                         "or load another plan")
+    todo: List[Tuple[str, nn.Conv2d, FactorizedConv2d]] = []
+    shapes: Dict[str, Tuple[int, ...]] = {}
     for name, rank in ranks.items():
         try:
             conv = model.get_submodule(name)
@@ -192,24 +256,45 @@ def _surgery(model: nn.Module, plan: Union[RankPlan, Dict[str, int]],
             raise ValueError(f"layer {name!r} is already factorised")
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"planned layer {name!r} is a {type(conv).__name__}, not a Conv2d")
-        shape = tuple(conv.weight.shape)
+        shape = shapes[name] = tuple(conv.weight.shape)
         if isinstance(plan, RankPlan) and tuple(plan[name].shape) != shape:
             raise ValueError(f"layer {name!r}: weight shape {shape} differs from the plan's {plan[name].shape}")
-        n, c, kh, kw = shape
-        if rank * (c * kh * kw + n) >= n * c * kh * kw:
+        if not factorization_saves(shape, rank):
             continue  # two thin convs would cost more: keep the (low-rank) dense conv
-        todo.append((name, make(conv, rank)))
-    for name, new in todo:  # everything built: now swap, so a failure above changes nothing
-        set_submodule(model, name, new)
+        todo.append((name, conv, make(conv, rank)))
+    # Everything is built: now swap every reference, undoing all of it if anything fails, so a failed
+    # surgery leaves the model as it was.
+    undo: list = []
+    try:
+        for name, old, new in todo:
+            _replace_everywhere(model, old, new, undo)
+        present = {id(m) for m in model.modules()}
+        stale = [name for name, old, _ in todo if id(old) in present]
+        if stale:
+            raise RuntimeError(f"model surgery could not replace {stale[:3]} everywhere in the module tree")
+    except BaseException:
+        for container, key, value in reversed(undo):
+            container[key] = value
+        raise
+    for name, old, _ in todo:  # a forward that still reaches an original conv is an error, not a wrong output
+        old.register_forward_pre_hook(_refuse_replaced_call(name))
+    if not isinstance(plan, RankPlan):  # a bare {name: rank}: keep what rebuilds the same structure
+        plan = RankPlan({n: LayerPlan(n, shapes[n], k, 0.0) for n, k in ranks.items()}, 0.0)
+    _attach_plan(model, plan)
     logger.info("factorised %d of %d planned layers", len(todo), len(ranks))
-    return [n for n, _ in todo]
+    return [n for n, _, _ in todo]
 
 
 def factorize_(model: nn.Module, plan: Union[RankPlan, Dict[str, int]]) -> List[str]:
     """Replace each planned conv by a :class:`FactorizedConv2d` where that reduces MACs, in place.
 
     The new weights come from each conv's SVD, so a conv that was projected to rank ``k`` is
-    reproduced exactly (to float round-off). Atomic: all replacements are built before any is installed.
+    reproduced exactly (to float round-off). Every reference to a replaced conv that a module holds
+    (registered or in a plain list/tuple/dict attribute, as detectron2's FPN keeps them) is replaced;
+    a forward that still reaches an original conv raises instead of computing with stale weights.
+    Atomic: all replacements are built before any is installed, and a failure undoes the swaps.
+    Afterwards the model carries the plan (its ``state_dict`` metadata holds it, and
+    :func:`enable_compressed_loading_` is on), so checkpoints saved from it load back.
 
     Returns:
         The names of the layers that were factorised.
@@ -221,3 +306,155 @@ def build_factorized_(model: nn.Module, plan: Union[RankPlan, Dict[str, int]]) -
     """Install uninitialised factorised layers per ``plan`` (same choice as :func:`factorize_`),
     so that a compressed checkpoint's state dict loads into ``model`` with matching keys."""
     return _surgery(model, plan, FactorizedConv2d.empty_like)
+
+
+# -- compressed checkpoints: the plan travels with the weights ----------------------------------------
+#: State-dict key of the rank plan (UTF-8 JSON as a uint8 tensor) in compressed checkpoints.
+PLAN_STATE_KEY = "_lrpet_plan"
+#: Key of the rank plan (plain data) in the root's state-dict metadata of a factorised model.
+PLAN_METADATA_KEY = "lrpet_plan"
+#: Attribute of a factorised model holding its :class:`RankPlan`.
+PLAN_ATTR = "_lrpet_plan"
+#: Attribute set on a model whose factorised structure was installed while loading a state dict.
+FACTORIZED_ON_LOAD_ATTR = "_lrpet_factorized_on_load"
+
+
+def plan_to_tensor(plan: RankPlan) -> torch.Tensor:
+    """The plan as UTF-8 JSON bytes in a uint8 tensor (survives any state-dict handling)."""
+    return torch.tensor(list(json.dumps(plan.to_dict()).encode("utf-8")), dtype=torch.uint8)
+
+
+def plan_from_tensor(t: torch.Tensor) -> RankPlan:
+    return RankPlan.from_dict(json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8")))
+
+
+def model_plan(model: nn.Module) -> Optional[RankPlan]:
+    """The plan a factorised ``model`` was built with, or None for a dense model."""
+    return getattr(model, PLAN_ATTR, None)
+
+
+def _plan_metadata_hook(module: nn.Module, state_dict, prefix: str, local_metadata: dict) -> None:
+    plan = getattr(module, PLAN_ATTR, None)
+    if plan is not None:
+        local_metadata[PLAN_METADATA_KEY] = plan.to_dict()
+
+
+def _attach_plan(model: nn.Module, plan: RankPlan) -> None:
+    object.__setattr__(model, PLAN_ATTR, plan)
+    if not getattr(model, "_lrpet_plan_hook", False):
+        _register_state_dict_hook(model, _plan_metadata_hook)
+        object.__setattr__(model, "_lrpet_plan_hook", True)
+    enable_compressed_loading_(model)
+
+
+def _register_state_dict_hook(model: nn.Module, hook) -> None:
+    register = getattr(model, "register_state_dict_post_hook", None)  # torch >= 2.5
+    (register or model._register_state_dict_hook)(hook)
+
+
+def plan_in_state_dict(state_dict: Mapping[str, Any], prefix: str = "",
+                       local_metadata: Optional[Mapping[str, Any]] = None) -> Optional[RankPlan]:
+    """The rank plan a (compressed) state dict carries, or None.
+
+    Looks at the ``_lrpet_plan`` tensor and at the root metadata (``state_dict._metadata``; or
+    ``local_metadata`` when given, as a load hook receives it).
+    """
+    t = state_dict.get(prefix + PLAN_STATE_KEY)
+    if t is not None:
+        return plan_from_tensor(t)
+    if local_metadata is None:
+        local_metadata = (getattr(state_dict, "_metadata", None) or {}).get(prefix[:-1], {})
+    data = (local_metadata or {}).get(PLAN_METADATA_KEY)
+    return None if data is None else RankPlan.from_dict(data)
+
+
+def _factorized_ranks(model: nn.Module) -> Dict[str, int]:
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, FactorizedConv2d)}
+
+
+def _planned_factorized(plan: RankPlan) -> Dict[str, int]:
+    return {n: lp.rank for n, lp in plan.layers.items() if lp.factorize}
+
+
+def _install_plan_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs) -> None:
+    """Before weights are copied: build the factorised convs the state dict's plan asks for."""
+    plan = plan_in_state_dict(state_dict, prefix, local_metadata)
+    state_dict.pop(prefix + PLAN_STATE_KEY, None)
+    have = _factorized_ranks(module)
+    if plan is None:
+        stray = [k for k in state_dict if k.startswith(prefix) and k.endswith(".conv_a.weight")]
+        if stray and not have:
+            raise ValueError(f"the state dict has factorised layers ({stray[0]!r}, ...) but no LRPET plan "
+                             f"({PLAN_STATE_KEY!r} or metadata {PLAN_METADATA_KEY!r}): it was not written by "
+                             "lrpet_dense, or its plan was stripped")
+        dense = [n for n in have if prefix + n + ".weight" in state_dict]
+        if dense:
+            raise ValueError(f"this model is factorised ({len(have)} layers) but the checkpoint is dense (e.g. "
+                             f"{prefix + dense[0] + '.weight'!r}); build a fresh model from the config to load it")
+        return
+    if have:
+        if have != _planned_factorized(plan):
+            raise ValueError("this model is already factorised with another plan than the checkpoint's; build a "
+                             "fresh model from the config to load it")
+        return
+    try:
+        names = build_factorized_(module, plan)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"the compressed checkpoint does not match this model/config: {e}. Load it with the "
+                         "config it was compressed with") from e
+    # An optimizer built before this load does not hold the new layers: training would not update them.
+    object.__setattr__(module, FACTORIZED_ON_LOAD_ATTR, True)
+    logger.info("LRPET: built %d factorised convs from the checkpoint's plan (p=%g) before loading it",
+                len(names), plan.ratio)
+
+
+def check_trainable_(model: nn.Module) -> None:
+    """Raise if ``model`` was factorised while a checkpoint was loaded into it and is now being trained.
+
+    Trainers build the optimizer (and DDP) around the model before they load weights, so layers that
+    a compressed checkpoint's plan installed at load time are not in the optimizer: "fine-tuning"
+    would silently leave them as they are. The LRPET model types call this in training forwards.
+    """
+    if getattr(model, FACTORIZED_ON_LOAD_ATTR, False):
+        raise RuntimeError(
+            "LRPET: this model was factorised while a compressed checkpoint was loaded into it, after the "
+            "optimizer had been built, so training would not update the factorised layers. To fine-tune a "
+            "compressed model, build its factorised structure before the optimizer (detectron2: give the "
+            "checkpoint as MODEL.WEIGHTS to tools/train_det.py; mmseg: model=dict(type='LRPETEncoderDecoder', "
+            "factorized_from=CHECKPOINT) with load_from=CHECKPOINT)")
+
+
+def enable_compressed_loading_(model: nn.Module) -> nn.Module:
+    """Let ``model`` load compressed LRPET checkpoints whatever its type. In place; idempotent.
+
+    Registers a ``load_state_dict`` pre-hook on ``model`` (run by ``torch``'s, mmengine's and
+    detectron2's loaders alike) that, when the state dict carries a rank plan, first builds the
+    factorised convs of the plan (:func:`build_factorized_`), so the weights load with no missing or
+    unexpected keys. A dense state dict loads as usual into a dense model. Errors: a plan that does
+    not fit the model, factorised weights without a plan, a dense state dict into a factorised model.
+    """
+    if not getattr(model, "_lrpet_loading_enabled", False):
+        register = getattr(model, "register_load_state_dict_pre_hook", None)  # torch >= 2.5
+        if register is not None:
+            register(_install_plan_pre_hook)
+        else:
+            model._register_load_state_dict_pre_hook(_install_plan_pre_hook, with_module=True)
+        object.__setattr__(model, "_lrpet_loading_enabled", True)
+    return model
+
+
+def compressed_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """CPU state dict of a factorised model that carries its plan (tensor key and metadata).
+
+    Raises:
+        ValueError: the model is not factorised.
+    """
+    plan = model_plan(model)
+    if plan is None:
+        raise ValueError("the model carries no LRPET plan: factorise it first (factorize_)")
+    sd = model.state_dict()
+    out = OrderedDict((k, v.detach().cpu().clone()) for k, v in sd.items())
+    out[PLAN_STATE_KEY] = plan_to_tensor(plan)
+    out._metadata = sd._metadata  # type: ignore[attr-defined]
+    return out

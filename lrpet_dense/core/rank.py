@@ -19,8 +19,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -34,6 +33,7 @@ __all__ = [
     "build_rank_plan",
     "match_any",
     "select_names",
+    "explicit_names",
 ]
 
 # Ratios the MAC solver may return lie on this grid (1e-4), so they read and log cleanly.
@@ -147,6 +147,9 @@ class RankPlan:
     target_macs_cut: Optional[float] = None
     reference_macs: Optional[int] = None
     overrides: Dict[str, float] = field(default_factory=dict)
+    #: Selected layers left out of the plan (not projected) because two thin convs would not cost fewer
+    #: MACs at their rank, so projecting them would lose rank and save nothing.
+    left_dense: List[str] = field(default_factory=list)
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -185,6 +188,7 @@ class RankPlan:
             "target_macs_cut": self.target_macs_cut,
             "reference_macs": self.reference_macs,
             "overrides": dict(self.overrides),
+            "left_dense": list(self.left_dense),
             "layers": [
                 {"name": lp.name, "shape": list(lp.shape), "rank": lp.rank, "ratio": lp.ratio,
                  "out_hw": None if lp.out_hw is None else list(lp.out_hw)}
@@ -205,7 +209,7 @@ class RankPlan:
                     raise ValueError(f"layer {lp.name!r}: rank {lp.rank} outside [1, {lp.full_rank}]")
                 layers[lp.name] = lp
             return cls(layers, float(data["ratio"]), data.get("target_macs_cut"), data.get("reference_macs"),
-                       dict(data.get("overrides") or {}))
+                       dict(data.get("overrides") or {}), [str(n) for n in data.get("left_dense") or []])
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a valid LRPET rank plan: {e!r}") from e
 
@@ -237,7 +241,16 @@ class RankPlan:
         cut = f"ratio p={self.ratio:g}; MAC cut {self.reached_macs_cut:.1%}"
         if self.target_macs_cut is not None:
             cut += f" (target {self.target_macs_cut:.1%})"
-        return "\n".join(lines + [cut])
+        lines.append(cut)
+        if self.left_dense:
+            lines.append(f"left dense and not projected ({len(self.left_dense)}; two thin convs would not cost fewer "
+                         f"MACs at their rank): {', '.join(self.left_dense)}")
+        return "\n".join(lines)
+
+
+def explicit_names(patterns: Iterable[str]) -> List[str]:
+    """The patterns that are plain names (no fnmatch wildcard): layers a user asked for by name."""
+    return [p for p in patterns if not any(c in p for c in "*?[")]
 
 
 def match_any(name: str, patterns: Iterable[str]) -> bool:
@@ -283,6 +296,7 @@ def build_rank_plan(
     target_macs_cut: Optional[float] = None,
     overrides: Optional[Mapping[str, float]] = None,
     reference_macs: Optional[int] = None,
+    project_unfactorized: Iterable[str] = (),
 ) -> RankPlan:
     """Compute the rank of every layer from one ratio, or solve the ratio for a MAC cut.
 
@@ -297,6 +311,10 @@ def build_rank_plan(
             (these layers keep it while the global ratio is solved). Each pattern must match a layer.
         reference_macs: MACs the cut is a fraction of; defaults to the MACs of ``layers`` that have
             an output size. Pass e.g. the whole backbone's conv MACs to include unselected layers.
+        project_unfactorized: names of layers to keep in the plan (so they are projected) even where
+            two thin convs would not cost fewer MACs than the dense conv at their rank. Every other such
+            layer is left out of the plan (listed in ``plan.left_dense``): projecting it would lower its
+            rank and save nothing. Defaults to none (pass the names a user selected explicitly).
 
     Returns:
         The :class:`RankPlan`; ``plan.reached_macs_cut`` is the cut actually reached.
@@ -315,9 +333,21 @@ def build_rank_plan(
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ValueError(f"override pattern {pattern!r} matches no selected layer")
 
+    keep = set(project_unfactorized)
+    if reference_macs is None:  # all selected layers, also those left dense below
+        reference_macs = sum(conv_macs(s.shape, s.out_hw) for s in specs if s.out_hw is not None) or None
+
+    def final(layers: Dict[str, LayerPlan], p: float, target: Optional[float]) -> RankPlan:
+        dense = [n for n, lp in layers.items() if not lp.factorize and n not in keep]
+        kept = {n: lp for n, lp in layers.items() if n not in dense}
+        if not kept:
+            raise ValueError(f"no selected layer would be factorised at ratio p={p:g}: two thin convs cost at least "
+                             "as many MACs as each dense conv at its rank. Use a larger ratio or another selection.")
+        return RankPlan(kept, p, target, reference_macs, overrides, dense)
+
     if ratio is not None:
         ratio = _check_ratio(ratio)
-        return RankPlan(_plan_for(specs, ratio, overrides), ratio, None, reference_macs, overrides)
+        return final(_plan_for(specs, ratio, overrides), ratio, None)
 
     if isinstance(target_macs_cut, bool) or not isinstance(target_macs_cut, (int, float)) or not 0 < target_macs_cut < 1:
         raise ValueError(f"target_macs_cut must lie in (0, 1), got {target_macs_cut!r}")
@@ -343,4 +373,4 @@ def build_rank_plan(
         else:
             lo = mid + 1
     _, plan_layers = cut(lo)
-    return RankPlan(plan_layers, lo / _RATIO_GRID, float(target_macs_cut), reference_macs, overrides)
+    return final(plan_layers, lo / _RATIO_GRID, float(target_macs_cut))

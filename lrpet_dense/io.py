@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 import zipfile
 from typing import Any, Mapping
 
 import torch
 
-__all__ = ["atomic_save", "load_checkpoint_safe", "check_checkpoint_file", "check_finite_state"]
+__all__ = ["atomic_save", "load_checkpoint_safe", "check_checkpoint_file", "check_finite_state", "allow_numpy_globals"]
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -62,10 +64,46 @@ def check_finite_state(state: Mapping[str, Any], path: str = "the checkpoint") -
                              "Use an earlier checkpoint, or retrain with a lower learning rate / gradient clipping")
 
 
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|unrecognized function ([\w.<> ]+)|got <class '([\w.]+)'>")
+
+
 def load_checkpoint_safe(path: str) -> Any:
-    """``torch.load(path, weights_only=True, map_location='cpu')`` with errors that name the file."""
+    """``torch.load(path, weights_only=True, map_location='cpu')`` with one-line errors that name the file.
+
+    A checkpoint holding an object that is neither plain data nor allow-listed (see
+    :func:`allow_numpy_globals`; ``lrpet_dense.mmseg`` also allow-lists mmengine's ``HistoryBuffer``) is
+    refused, naming its class: its code is never run.
+    """
     check_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, pickle with arbitrary objects, ...
-        raise ValueError(f"cannot load checkpoint {path!r} safely (weights_only=True): {e}") from e
+    except pickle.UnpicklingError as e:
+        m = _UNSAFE_GLOBAL.search(str(e))
+        what = next((g for g in m.groups() if g), None) if m else None
+        reason = f"it holds an object of {what}" if what else f"{str(e).splitlines()[0]}"
+        raise ValueError(f"cannot load checkpoint {path!r} safely (weights_only=True): {reason}, which is not "
+                         "plain data (tensors, numbers, strings, lists, dicts) nor allow-listed; lrpet_dense never "
+                         "runs code from a checkpoint. Re-save it without that object") from e
+    except Exception as e:  # truncated file, ...
+        raise ValueError(f"cannot load checkpoint {path!r} safely (weights_only=True): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def allow_numpy_globals() -> None:
+    """Allow-list numpy arrays, scalars and dtypes for ``torch.load(weights_only=True)``. Idempotent.
+
+    What numpy pickles them with: ``numpy._core.multiarray._reconstruct`` and ``ndarray`` (arrays),
+    ``numpy._core.multiarray.scalar`` (scalars), ``numpy.dtype`` and its per-type classes; numpy 1.x
+    names them ``numpy.core.multiarray.*``. None of them runs code beyond building the array; an
+    object array's elements go through the same restricted unpickler. These are the globals that
+    PyTorch's own documentation lists for numpy data in ``weights_only`` checkpoints.
+    """
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    dtypes = [type(np.dtype(c)) for c in "?bhilqBHILQefdgFDG"]
+    torch.serialization.add_safe_globals([
+        multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes,
+        (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+        (multiarray.scalar, "numpy.core.multiarray.scalar"),
+    ])

@@ -16,13 +16,13 @@ lrpet_dense.data.toy_voc OUT``), ``voc_toy_2007_{train,val,trainval,test}`` are 
 ``configs/toy/faster_rcnn_lrpet_toy.yaml``.
 """
 import argparse
+import logging
 import os
 import sys
 
 import torch
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
@@ -31,9 +31,10 @@ from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from lrpet_dense.core import FactorizedConv2d  # noqa: E402
+from lrpet_dense.core import build_factorized_, enable_compressed_loading_, model_plan  # noqa: E402
 from lrpet_dense.detectron2 import (LRPETHook, RNGStateHook, add_lrpet_config, insert_before_checkpointer,  # noqa: E402
-                                    register_toy_voc_from_env)
+                                    register_toy_voc_from_env, unwrap_model)
+from lrpet_dense.detectron2.deploy import CompressedAwareCheckpointer, compressed_plan_of  # noqa: E402
 from lrpet_dense.io import check_checkpoint_file  # noqa: E402
 from lrpet_dense.rng import preserved_rng_state  # noqa: E402
 
@@ -45,6 +46,20 @@ class Trainer(DefaultTrainer):
     RNG states, the training loader has its own seeded generator, and evaluation leaves the global
     RNG streams where it found them.
     """
+
+    @classmethod
+    def build_model(cls, cfg):
+        # Compressed checkpoints load into their factorised structure whatever MODEL.META_ARCHITECTURE is.
+        model = enable_compressed_loading_(super().build_model(cfg))
+        # A compressed MODEL.WEIGHTS: build its factorised convs now, before the optimizer and DDP are
+        # built around the model, so that fine-tuning trains them.
+        plan = compressed_plan_of(cfg.MODEL.WEIGHTS)
+        if plan is not None:
+            names = build_factorized_(model, plan)
+            logging.getLogger("lrpet_dense").info(
+                "LRPET: MODEL.WEIGHTS is a compressed checkpoint: built its %d factorised convs (plan p=%g) "
+                "before loading it", len(names), plan.ratio)
+        return model
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -69,6 +84,10 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         ret = super().build_hooks()
+        if self.cfg.LRPET.ENABLED and model_plan(unwrap_model(self.model)) is not None:
+            raise ValueError(f"LRPET training needs dense weights, but MODEL.WEIGHTS={self.cfg.MODEL.WEIGHTS!r} is a "
+                             "compressed (factorised) checkpoint; train from the dense checkpoint it was made from "
+                             "(e.g. model_final.pth), or set LRPET.ENABLED False to fine-tune the factorised model")
         if self.cfg.LRPET.ENABLED:
             insert_before_checkpointer(ret, LRPETHook.from_config(self.cfg, self.model))
         # Right before the checkpointer (after PreciseBN, which draws random numbers when it runs).
@@ -78,11 +97,14 @@ class Trainer(DefaultTrainer):
         return ret
 
     def resume_or_load(self, resume=True):
+        model = unwrap_model(self.model)
+        built_dense = model_plan(model) is None
         super().resume_or_load(resume=resume)
-        model = self.model.module if hasattr(self.model, "module") else self.model
-        if self.cfg.LRPET.ENABLED and any(isinstance(m, FactorizedConv2d) for m in model.modules()):
-            raise ValueError("LRPET training needs dense weights, but the loaded checkpoint is compressed "
-                             "(factorised); train from the dense checkpoint instead")
+        if built_dense and model_plan(model) is not None:
+            raise ValueError("the checkpoint loaded for training is compressed (factorised), but the model was built "
+                             "dense, so the optimizer does not hold the factorised layers; give the compressed "
+                             "checkpoint as MODEL.WEIGHTS (it is then built factorised before the optimizer), or "
+                             "train from a dense checkpoint")
 
 
 def setup(args):
@@ -106,7 +128,8 @@ def main(args):
         check_checkpoint_file(cfg.MODEL.WEIGHTS)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        CompressedAwareCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
+                                                                                    resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -15,12 +15,12 @@ from .config import add_lrpet_config, register_toy_voc, register_toy_voc_from_en
 from .deploy import (PLAN_STATE_KEY, LRPETGeneralizedRCNN, check_low_rank, compress_model_, compressed_checkpoint,
                      count_flops_params, enable_compressed_loading_, plan_from_checkpoint, save_compressed)
 from .hook import LRPETHook, build_lrpet_plan, insert_before_checkpointer, pairing_from_cfg
-from .pairing import Pairing, candidate_convs, default_include, pair_convs, resnet_of, unwrap_model
+from .pairing import Pairing, candidate_convs, default_include, pair_convs, unwrap_model
 from .rng import RNGStateHook
 
 __all__ = [
     "add_lrpet_config", "register_toy_voc", "register_toy_voc_from_env",
-    "Pairing", "pair_convs", "default_include", "candidate_convs", "resnet_of", "unwrap_model",
+    "Pairing", "pair_convs", "default_include", "candidate_convs", "unwrap_model",
     "LRPETHook", "build_lrpet_plan", "pairing_from_cfg", "insert_before_checkpointer", "RNGStateHook",
     "LRPETGeneralizedRCNN", "enable_compressed_loading_", "PLAN_STATE_KEY", "plan_from_checkpoint",
     "check_low_rank", "compress_model_", "compressed_checkpoint", "save_compressed", "count_flops_params",

@@ -46,14 +46,16 @@ def add_lrpet_config(cfg: CN) -> None:
     # One rank pruning ratio p in [0, 1): rank k = max(1, floor(full_rank * (1 - p))). Used when
     # TARGET_MACS_CUT is 0.
     _C.LRPET.RATIO = 0.5
-    # Fraction in (0, 1) of the ResNet backbone's conv MACs to remove; the core solves one ratio p
-    # for it (overrides keep their ratios). 0 disables the solver and uses RATIO.
+    # Fraction in (0, 1) of the backbone's conv MACs (model.backbone: ResNet stem..res4 for C4, ResNet
+    # + FPN for FPN) to remove; the core solves one ratio p for it (overrides keep their ratios).
+    # 0 disables the solver and uses RATIO.
     _C.LRPET.TARGET_MACS_CUT = 0.0
     # Per-layer ratio overrides as a flat list [pattern, ratio, pattern, ratio, ...] (fnmatch
     # patterns over module names, '*' spans dots; first match wins), e.g. ["backbone.res4.*", 0.6].
     _C.LRPET.OVERRIDES = []
-    # fnmatch patterns of convs to project. Empty = the ResNet that is trained: "backbone.*" and,
-    # in C4 models, "roi_heads.res5.*"; "backbone.bottom_up.*" for FPN models.
+    # fnmatch patterns of convs to project. Empty = every trained conv of "backbone.*" (the ResNet;
+    # in FPN models also the FPN's lateral/output convs) and, in C4 models, "roi_heads.res5.*".
+    # Convs whose factorised form would not save MACs are not projected unless named here exactly.
     _C.LRPET.INCLUDE = []
     # fnmatch patterns of convs never to project (applied after INCLUDE).
     _C.LRPET.EXCLUDE = []

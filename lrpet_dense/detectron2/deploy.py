@@ -1,97 +1,53 @@
-"""Compressed (factorised) detectron2 checkpoints: write them, and load them through detectron2's own paths.
+"""Compressed (factorised) detectron2 checkpoints: write them, check them, load them through detectron2's paths.
 
 A compressed checkpoint is a ``.pth`` file loadable with ``torch.load(weights_only=True)``::
 
     {"model": state dict of the factorised model (+ "_lrpet_plan": the plan as UTF-8 JSON bytes, uint8),
      "lrpet_plan": RankPlan.to_dict() (plain data), "lrpet_factorized": [names of factorised convs]}
 
-Loading is registry-integrated: the LRPET configs set ``MODEL.META_ARCHITECTURE:
-"LRPETGeneralizedRCNN"``, a :class:`~detectron2.modeling.GeneralizedRCNN` registered in
-``META_ARCH_REGISTRY`` whose ``load_state_dict`` pre-hook reads the plan carried in the state dict
-and installs the factorised convs (:func:`~lrpet_dense.core.build_factorized_`) before the weights
-are copied. So ``DefaultPredictor(cfg)`` and ``train_det.py --eval-only MODEL.WEIGHTS compressed.pth``
-build the factorised model and load it with no missing or unexpected keys, while a dense checkpoint
-loads into the same config as usual. A plan that does not fit the model (other layers or shapes), a
-factorised state dict without a plan, or a dense checkpoint loaded into an already factorised model
-is a ``ValueError`` naming the problem. (A stock ``GeneralizedRCNN`` cannot know about factorised
-layers: detectron2 only warns about missing keys there, so use the LRPET config, or call
-:func:`enable_compressed_loading_` on the model.)
+Loading does not depend on the model type: :func:`~lrpet_dense.core.enable_compressed_loading_`
+registers a ``load_state_dict`` pre-hook that reads the plan carried in the state dict and installs
+the factorised convs before the weights are copied. ``tools/train_det.py`` (training and
+``--eval-only``), ``tools/compress_det.py`` and ``tools/report.py`` enable it on every model they
+build, so a compressed checkpoint loads whatever ``MODEL.META_ARCHITECTURE`` says; the LRPET configs
+also set ``LRPETGeneralizedRCNN``, a ``GeneralizedRCNN`` registered in ``META_ARCH_REGISTRY`` with the
+hook on, so that detectron2's own ``DefaultPredictor`` loads them too. (A stock ``GeneralizedRCNN``
+built outside this project's code cannot know about factorised layers: detectron2 only warns about
+unexpected keys there.) A plan that does not fit the model, a factorised state dict without a plan,
+or a dense checkpoint loaded into an already factorised model is a ``ValueError`` naming the problem.
+
+:func:`compress_model_` checks what it produces: every planned conv must already be of its planned
+rank, and the factorised model's pre-NMS outputs (:func:`prediction_tensors`: backbone features, RPN
+logits and box deltas, box-head scores and deltas for fixed proposals) must equal the dense model's
+in float64 (:func:`~lrpet_dense.core.compare_outputs`); otherwise nothing is changed.
 """
 from __future__ import annotations
 
-import json
+import copy
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
-from lrpet_dense.core import FactorizedConv2d, RankPlan, build_factorized_, factorize_
+from lrpet_dense.core import (FactorizedConv2d, RankPlan, check_trainable_, compare_outputs, compressed_state_dict,
+                              enable_compressed_loading_, factorize_, float64_copy, model_plan, project_layers_,
+                              rank_excess)
+from lrpet_dense.core.factorize import PLAN_STATE_KEY, plan_from_tensor
 from lrpet_dense.io import atomic_save
 
-from .pairing import unwrap_model
+from .pairing import pair_convs, unwrap_model
 
 __all__ = [
     "LRPETGeneralizedRCNN", "enable_compressed_loading_", "PLAN_STATE_KEY", "plan_from_checkpoint",
     "check_low_rank", "compress_model_", "compressed_checkpoint", "save_compressed", "count_flops_params",
+    "prediction_tensors", "load_model", "CompressedAwareCheckpointer", "compressed_plan_of",
 ]
 
 logger = logging.getLogger(__name__)
-
-# Key of the plan (UTF-8 JSON as a uint8 tensor) inside a compressed model state dict.
-PLAN_STATE_KEY = "_lrpet_plan"
-
-
-def _plan_to_tensor(plan: RankPlan) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(plan.to_dict()).encode("utf-8")), dtype=torch.uint8)
-
-
-def _plan_from_tensor(t: torch.Tensor) -> RankPlan:
-    return RankPlan.from_dict(json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8")))
-
-
-def _factorized_names(model: nn.Module) -> Dict[str, int]:
-    return {n: m.rank for n, m in model.named_modules() if isinstance(m, FactorizedConv2d)}
-
-
-def _install_plan_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                           error_msgs) -> None:
-    """Before weights are copied: install the factorised convs the state dict's plan asks for."""
-    key = prefix + PLAN_STATE_KEY
-    have = _factorized_names(module)
-    if key not in state_dict:
-        stray = [k for k in state_dict if k.endswith(".conv_a.weight")]
-        if stray and not have:
-            raise ValueError(f"the state dict has factorised layers ({stray[0]!r}, ...) but no LRPET plan "
-                             f"({PLAN_STATE_KEY!r}): it was not written by lrpet_dense's compression tool")
-        if have and not any(k.endswith(".conv_a.weight") for k in state_dict):
-            raise ValueError(f"this model is factorised ({len(have)} layers) but the checkpoint is dense; build a "
-                             "fresh model from the config to load a dense checkpoint")
-        return
-    plan = _plan_from_tensor(state_dict.pop(key))
-    wanted = {n: lp.rank for n, lp in plan.layers.items() if lp.factorize}
-    if have:
-        if have != wanted:
-            raise ValueError("this model is already factorised with another plan than the checkpoint's; "
-                             "build a fresh model from the config to load it")
-        return
-    try:
-        names = build_factorized_(module, plan)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"the compressed checkpoint does not match this model/config: {e}") from e
-    logger.info("LRPET: built %d factorised convs from the checkpoint's plan (p=%g) before loading it",
-                len(names), plan.ratio)
-
-
-def enable_compressed_loading_(model: nn.Module) -> nn.Module:
-    """Let ``model.load_state_dict`` install factorised convs from a compressed state dict's plan. In place."""
-    model = unwrap_model(model)
-    if not getattr(model, "_lrpet_loading_enabled", False):
-        model.register_load_state_dict_pre_hook(_install_plan_pre_hook)
-        model._lrpet_loading_enabled = True
-    return model
 
 
 @META_ARCH_REGISTRY.register()
@@ -106,15 +62,23 @@ class LRPETGeneralizedRCNN(GeneralizedRCNN):
         super().__init__(*args, **kwargs)
         enable_compressed_loading_(self)
 
+    def forward(self, batched_inputs):
+        if self.training:
+            check_trainable_(self)  # not silently "fine-tuning" layers the optimizer does not hold
+        return super().forward(batched_inputs)
 
-def plan_from_checkpoint(checkpoint: Mapping[str, Any]) -> Optional[RankPlan]:
+
+def plan_from_checkpoint(checkpoint: Dict[str, Any]) -> Optional[RankPlan]:
     """The rank plan stored in a checkpoint dict, or None.
 
-    Looks at a compressed checkpoint's ``lrpet_plan`` and at a training checkpoint's LRPET hook state
-    (``checkpoint["trainer"]["hooks"]["LRPETHook"]["plan"]``).
+    Looks at a compressed checkpoint's ``lrpet_plan`` (and its state dict's ``_lrpet_plan``) and at a
+    training checkpoint's LRPET hook state (``checkpoint["trainer"]["hooks"]["LRPETHook"]["plan"]``).
     """
     if checkpoint.get("lrpet_plan") is not None:
         return RankPlan.from_dict(checkpoint["lrpet_plan"])
+    state = checkpoint.get("model")
+    if isinstance(state, dict) and PLAN_STATE_KEY in state:
+        return plan_from_tensor(state[PLAN_STATE_KEY])
     hook_state = (checkpoint.get("trainer") or {}).get("hooks", {}).get("LRPETHook")
     if hook_state and hook_state.get("plan") is not None:
         return RankPlan.from_dict(hook_state["plan"])
@@ -122,53 +86,117 @@ def plan_from_checkpoint(checkpoint: Mapping[str, Any]) -> Optional[RankPlan]:
 
 
 def check_low_rank(model: nn.Module, plan: RankPlan, rtol: float = 1e-4) -> List[Tuple[str, int, int]]:
-    """Planned convs whose weight has numerical rank above the plan's.
-
-    Args:
-        model: the dense model.
-        plan: the rank plan.
-        rtol: singular values below ``rtol * s_1`` count as zero. Defaults to 1e-4.
+    """Planned convs whose weight has numerical rank above the plan's (singular values above ``rtol * s_1``).
 
     Returns:
         ``(name, numerical rank, planned rank)`` for each offending layer (empty when all are low-rank).
     """
+    return [(n, r, k) for n, (r, k) in rank_excess(unwrap_model(model), plan, rtol).items()]
+
+
+def _fixed_boxes(h: int, w: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A fixed set of proposals spread over an ``h x w`` image: 3 scales x 3 x 3 positions."""
+    boxes = []
+    for frac in (0.25, 0.5, 0.8):
+        bh, bw = frac * h, frac * w
+        for cy in (0.3, 0.5, 0.7):
+            for cx in (0.3, 0.5, 0.7):
+                y0, x0 = max(0.0, cy * h - bh / 2), max(0.0, cx * w - bw / 2)
+                boxes.append([x0, y0, min(w - 1.0, x0 + bw), min(h - 1.0, y0 + bh)])
+    return torch.tensor(boxes, dtype=dtype, device=device)
+
+
+def prediction_tensors(model: nn.Module, image: torch.Tensor) -> Dict[str, Any]:
+    """The detector's tensors before any discrete step (NMS, top-k, thresholds), for one image.
+
+    Backbone features; RPN objectness logits and anchor deltas; box-head class scores and box deltas
+    for a fixed set of proposals (so both models see the same ROIs). Run it on two models (e.g. in
+    float64) and compare with :func:`~lrpet_dense.core.compare_outputs`.
+
+    Args:
+        model: a ``GeneralizedRCNN`` (C4 ``Res5ROIHeads`` or FPN ``StandardROIHeads``), in eval mode.
+        image: ``3 x H x W`` image tensor in the model's input format (0-255), any float dtype.
+    """
+    from detectron2.structures import Boxes
+
     model = unwrap_model(model)
-    bad = []
-    for name, lp in plan.layers.items():
-        w = model.get_submodule(name).weight.detach()
-        m = w.reshape(w.shape[0], -1).double()
-        # squared singular values from the smaller Gram matrix: much faster than an SVD
-        ev = torch.linalg.eigvalsh(m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m)
-        r = int((ev > rtol ** 2 * ev[-1]).sum()) if ev[-1] > 0 else 0
-        if r > lp.rank:
-            bad.append((name, r, lp.rank))
-    return bad
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image.to(model.device)}])
+        x = images.tensor
+        features = model.backbone(x)
+        out: Dict[str, Any] = {"backbone": features}
+        rpn = model.proposal_generator
+        logits, deltas = rpn.rpn_head([features[f] for f in rpn.in_features])
+        out["rpn"] = {"objectness": logits, "anchor_deltas": deltas}
+        h, w = image.shape[-2:]
+        boxes = [Boxes(_fixed_boxes(int(h), int(w), x.dtype, x.device))]
+        heads = model.roi_heads
+        if hasattr(heads, "_shared_roi_transform"):  # C4: res5 on each ROI
+            box_features = heads._shared_roi_transform([features[f] for f in heads.in_features], boxes)
+            predictions = heads.box_predictor(box_features.mean(dim=[2, 3]))
+        else:  # FPN: pooler, box head, predictor
+            box_features = heads.box_pooler([features[f] for f in heads.box_in_features], boxes)
+            predictions = heads.box_predictor(heads.box_head(box_features))
+        out["box_predictor"] = {"scores": predictions[0], "deltas": predictions[1]}
+    return out
 
 
-def compress_model_(model: nn.Module, plan: RankPlan, rtol: float = 1e-4) -> List[str]:
-    """Factorise the planned convs of a trained, projected dense model in place.
+def _check_image(hw: Tuple[int, int]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(3, *hw, generator=g, dtype=torch.float64) * 255
+
+
+def compress_model_(model: nn.Module, plan: RankPlan, *, project: bool = False, projection_options=None,
+                    check_hw: Tuple[int, int] = (160, 160), rtol: float = 1e-4) -> List[str]:
+    """Factorise the planned convs of a trained, projected dense model in place, checking the result.
+
+    Args:
+        model: the dense detector.
+        plan: the rank plan (normally the one the LRPET hook saved in the checkpoint).
+        project: project the planned convs onto their rank first (a one-shot truncation, for weights
+            not trained with LRPET). Defaults to False: such weights are refused.
+        projection_options: keyword options of :func:`~lrpet_dense.core.project_layers_` when
+            ``project`` (energy transfer, BN rectification, ...). Defaults to the method's defaults.
+        check_hw: image size of the float64 output check. Defaults to 160x160.
+        rtol: tolerance of the output check (see :mod:`lrpet_dense.core.verify`). Defaults to 1e-4.
+
+    Returns:
+        The names of the factorised convs.
 
     Raises:
-        ValueError: some planned conv is not low-rank (the checkpoint was not projected with this
-            plan), so factorising it would change the model's outputs.
+        ValueError: some planned conv is not low-rank and ``project`` is False; or the factorised
+            model's outputs differ from the dense model's. The model is unchanged then.
     """
     model = unwrap_model(model)
-    bad = check_low_rank(model, plan, rtol)
+    if project:
+        layers = pair_convs(model, include=list(plan.layers), include_frozen=True).layers
+        project_layers_(layers, plan, **(projection_options or {}))
+    bad = check_low_rank(model, plan)
     if bad:
         raise ValueError(f"{len(bad)} planned conv(s) are not of their planned rank, e.g. {bad[:3]} "
-                         "(name, numerical rank, planned rank): the weights were not projected with this plan")
+                         "(name, numerical rank, planned rank): the weights were not projected with this plan "
+                         "(not an LRPET-trained checkpoint, or saved before the final projection). Factorising "
+                         "them would change the model's outputs; to project them first (a one-shot truncation), "
+                         "pass --project (project=True)")
+    image = _check_image(check_hw)
+    reference = prediction_tensors(float64_copy(model), image)
+    rehearsal = copy.deepcopy(model)  # the real model changes only once the result has been checked
+    factorize_(rehearsal, plan)
+    compare_outputs(reference, prediction_tensors(float64_copy(rehearsal), image), rtol=rtol,
+                    what="the factorised detector")
+    del rehearsal
     return factorize_(model, plan)
 
 
-def compressed_checkpoint(model: nn.Module, plan: RankPlan) -> Dict[str, Any]:
+def compressed_checkpoint(model: nn.Module, plan: Optional[RankPlan] = None) -> Dict[str, Any]:
     """The compressed checkpoint dict of a factorised ``model`` (plain data and tensors only)."""
     model = unwrap_model(model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    state[PLAN_STATE_KEY] = _plan_to_tensor(plan)
-    return {"model": state, "lrpet_plan": plan.to_dict(), "lrpet_factorized": sorted(_factorized_names(model))}
+    plan = plan or model_plan(model)
+    factorized = sorted(n for n, m in model.named_modules() if isinstance(m, FactorizedConv2d))
+    return {"model": compressed_state_dict(model), "lrpet_plan": plan.to_dict(), "lrpet_factorized": factorized}
 
 
-def save_compressed(model: nn.Module, plan: RankPlan, path: str) -> None:
+def save_compressed(model: nn.Module, plan: Optional[RankPlan], path: str) -> None:
     """Write :func:`compressed_checkpoint` to ``path`` atomically."""
     atomic_save(compressed_checkpoint(model, plan), path)
     logger.info("wrote compressed checkpoint %s", path)
@@ -201,3 +229,82 @@ def count_flops_params(model: nn.Module, image_hw: Tuple[int, int]) -> Dict[str,
                 "params": {"model": int(params[""]), "backbone": int(params.get("backbone", 0))}}
     finally:
         model.train(was_training)
+
+
+def load_model(cfg, path: str, *, dense_only: bool = False) -> nn.Module:
+    """Build ``cfg``'s model (any meta architecture) and load a dense or compressed ``.pth`` checkpoint strictly.
+
+    The checkpoint is read with ``torch.load(weights_only=True)`` (errors name the file); a compressed
+    one first builds its factorised convs (:func:`~lrpet_dense.core.enable_compressed_loading_`); any
+    missing, unexpected or mis-shaped key is an error (detectron2's own checkpointer only warns).
+
+    Args:
+        cfg: a detectron2 config (``MODEL.WEIGHTS`` is ignored).
+        path: the checkpoint.
+        dense_only: refuse a compressed checkpoint (for tools that need dense weights). Defaults to False.
+
+    Returns:
+        ``(model, checkpoint)``: the model in eval mode and the whole checkpoint dict.
+    """
+    from detectron2.modeling import build_model
+
+    from lrpet_dense.io import check_finite_state, load_checkpoint_safe
+
+    ckpt = load_checkpoint_safe(path)
+    state = ckpt.get("model", ckpt)
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path!r} holds no model state dict")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if dense_only and (ckpt.get("lrpet_factorized") is not None or PLAN_STATE_KEY in state):
+        raise ValueError(f"checkpoint {path!r} is already compressed (factorised); give the dense training "
+                         "checkpoint it was made from (e.g. model_final.pth)")
+    check_finite_state(state, f"checkpoint {path!r}")
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = ""
+    cfg.freeze()
+    model = enable_compressed_loading_(build_model(cfg))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing / unexpected keys, size mismatches
+        raise ValueError(f"checkpoint {path!r} does not match the config's model: {e}") from e
+    return model.eval(), ckpt
+
+
+class CompressedAwareCheckpointer(DetectionCheckpointer):
+    """detectron2's ``DetectionCheckpointer`` that loads compressed checkpoints into any detector strictly.
+
+    Enables :func:`~lrpet_dense.core.enable_compressed_loading_` on the model, and when what was
+    loaded is compressed (the model is now factorised), any missing or unexpected key is an error
+    instead of detectron2's warning: a partly loaded factorised model would evaluate silently wrong.
+    Dense checkpoints (``.pth``, model-zoo ``.pkl``) load exactly as with ``DetectionCheckpointer``.
+    """
+
+    def __init__(self, model: nn.Module, save_dir: str = "", **kwargs):
+        enable_compressed_loading_(unwrap_model(model))
+        super().__init__(model, save_dir, **kwargs)
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        if model_plan(unwrap_model(self.model)) is not None:
+            problems = list(incompatible.missing_keys) + list(incompatible.unexpected_keys)
+            problems += [k for k, *_ in incompatible.incorrect_shapes]
+            if problems:
+                raise ValueError(f"the compressed checkpoint did not load completely into the factorised model: "
+                                 f"{len(problems)} missing, unexpected or mis-shaped keys, e.g. {problems[:4]}")
+        return incompatible
+
+
+def compressed_plan_of(weights: str) -> Optional[RankPlan]:
+    """The plan of a local compressed checkpoint file (``MODEL.WEIGHTS``), or None for anything else."""
+    import os
+
+    if not weights or "://" in weights or not weights.endswith((".pth", ".pt")) or not os.path.isfile(weights):
+        return None
+    from lrpet_dense.io import load_checkpoint_safe
+
+    ckpt = load_checkpoint_safe(weights)
+    state = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else None
+    if ckpt.get("lrpet_factorized") is None and not (state is not None and PLAN_STATE_KEY in state):
+        return None
+    return plan_from_checkpoint(ckpt)

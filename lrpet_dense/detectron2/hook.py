@@ -25,11 +25,11 @@ from detectron2.config import CfgNode
 from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 
-from lrpet_dense.core import (ConvBN, LRPETProjector, RankPlan, build_rank_plan, conv_macs, layer_specs,
-                              record_output_sizes)
+from lrpet_dense.core import (ConvBN, LRPETProjector, RankPlan, build_rank_plan, conv_macs, explicit_names,
+                              layer_specs, record_output_sizes)
 
 from .config import check_lrpet_config, overrides_from_cfg
-from .pairing import Pairing, candidate_convs, pair_convs, resnet_of, unwrap_model
+from .pairing import Pairing, candidate_convs, pair_convs, unwrap_model
 
 __all__ = ["LRPETHook", "build_lrpet_plan", "pairing_from_cfg", "insert_before_checkpointer"]
 
@@ -54,32 +54,37 @@ def _plan_input_hw(cfg: CfgNode, size_divisibility: int) -> Tuple[int, int]:
 def build_lrpet_plan(cfg: CfgNode, model: nn.Module, layers: Sequence[ConvBN]) -> RankPlan:
     """The rank plan of ``layers`` from ``cfg.LRPET`` (ratio, or a MAC cut solved by the core).
 
-    Output sizes come from a dummy forward of the ResNet body at ``LRPET.PLAN_INPUT_SIZE`` (BN
-    statistics untouched). The MAC cut is a fraction of the whole ResNet body's conv MACs
-    (``backbone``, or ``backbone.bottom_up`` for FPN; frozen and unselected convs included), so
-    "cut 50% of the backbone" means what it says. Convs outside it (``roi_heads.res5`` in C4 models)
-    get the ratio but no output size, and do not count towards the cut.
+    Output sizes come from a dummy forward of ``model.backbone`` at ``LRPET.PLAN_INPUT_SIZE`` (BN
+    statistics untouched). The MAC cut is a fraction of the backbone's conv MACs (``model.backbone``:
+    the ResNet stem..res4 in C4 models; ResNet and FPN convs in FPN models; frozen and unselected
+    convs included), so "cut 50% of the backbone" means what it says, and it is what detectron2's
+    ``FlopCountAnalysis`` reports as the backbone. Selected convs outside it (``roi_heads.res5`` in C4
+    models) get the ratio but no output size, and do not count towards the cut. Selected convs whose
+    factorised form would not save MACs are left out of the plan (not projected), unless named
+    explicitly (without wildcards) in ``LRPET.INCLUDE`` or ``LRPET.OVERRIDES``.
     """
     model = unwrap_model(model)
-    prefix, resnet = resnet_of(model)
-    all_convs = [n for n, _ in candidate_convs(model) if n.startswith(prefix + ".")]
-    size_div = int(getattr(model.backbone, "size_divisibility", 0) or 0)
+    backbone = model.backbone
+    all_convs = [n for n, _ in candidate_convs(model) if n.startswith("backbone.")]
+    size_div = int(getattr(backbone, "size_divisibility", 0) or 0)
     h, w = _plan_input_hw(cfg, size_div)
-    device = next(resnet.parameters()).device
-    was_training = resnet.training
-    resnet.eval()  # no running-statistics update from the dummy input
+    device = next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()  # no running-statistics update from the dummy input
     try:
-        sizes = record_output_sizes(model, all_convs,
-                                    lambda: resnet(torch.zeros(1, 3, h, w, device=device)))
+        sizes = record_output_sizes(model, all_convs, lambda: backbone(torch.zeros(1, 3, h, w, device=device)))
     finally:
-        resnet.train(was_training)
+        backbone.train(was_training)
     reference = sum(conv_macs(tuple(model.get_submodule(n).weight.shape), sizes[n]) for n in all_convs if n in sizes)
     specs = layer_specs(layers, sizes)
     overrides = overrides_from_cfg(cfg)
+    named = explicit_names(list(cfg.LRPET.INCLUDE) + list(overrides))
     cut = float(cfg.LRPET.TARGET_MACS_CUT)
     if cut > 0:
-        return build_rank_plan(specs, target_macs_cut=cut, overrides=overrides, reference_macs=reference)
-    return build_rank_plan(specs, float(cfg.LRPET.RATIO), overrides=overrides, reference_macs=reference)
+        return build_rank_plan(specs, target_macs_cut=cut, overrides=overrides, reference_macs=reference,
+                               project_unfactorized=named)
+    return build_rank_plan(specs, float(cfg.LRPET.RATIO), overrides=overrides, reference_macs=reference,
+                           project_unfactorized=named)
 
 
 def insert_before_checkpointer(hook_list: List[Optional[HookBase]], hook: HookBase) -> List[Optional[HookBase]]:

@@ -28,7 +28,7 @@ from detectron2.layers import FrozenBatchNorm2d
 
 from lrpet_dense.core import ConvBN, FactorizedConv2d, match_any, select_names
 
-__all__ = ["Pairing", "pair_convs", "default_include", "candidate_convs", "resnet_of", "unwrap_model"]
+__all__ = ["Pairing", "pair_convs", "default_include", "candidate_convs", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,26 +40,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def resnet_of(model: nn.Module) -> Tuple[str, nn.Module]:
-    """``(name, module)`` of the ResNet body: ``backbone.bottom_up`` for FPN models, else ``backbone``."""
-    backbone = getattr(model, "backbone", None)
-    if backbone is None:
-        raise ValueError(f"{type(model).__name__} has no 'backbone' attribute; set LRPET.INCLUDE explicitly")
-    bottom_up = getattr(backbone, "bottom_up", None)
-    if isinstance(bottom_up, nn.Module):
-        return "backbone.bottom_up", bottom_up
-    return "backbone", backbone
-
-
 def default_include(model: nn.Module) -> List[str]:
-    """The default selection: every conv of the ResNet-50 that is trained.
+    """The default selection: every trained conv of the detector's backbone and its ResNet.
 
-    ``backbone.*`` and, in C4 models (``Res5ROIHeads``), ``roi_heads.res5.*``; ``backbone.bottom_up.*``
-    for FPN models (the FPN's lateral/output convs are not part of the ResNet).
+    ``backbone.*`` (for FPN models the ResNet ``backbone.bottom_up`` and the FPN's lateral and output
+    convs) and, in C4 models (``Res5ROIHeads``), ``roi_heads.res5.*``, where the ResNet's last stage
+    runs on each ROI.
     """
     model = unwrap_model(model)
-    prefix, _ = resnet_of(model)
-    patterns = [prefix + ".*"]
+    if not isinstance(getattr(model, "backbone", None), nn.Module):
+        raise ValueError(f"{type(model).__name__} has no 'backbone' module; set LRPET.INCLUDE explicitly")
+    patterns = ["backbone.*"]
     roi_heads = getattr(model, "roi_heads", None)
     if roi_heads is not None and isinstance(getattr(roi_heads, "res5", None), nn.Module):
         patterns.append("roi_heads.res5.*")

@@ -1,7 +1,8 @@
 """Measure a trained LRPET detectron2 model and its compressed checkpoint for the report.
 
-Everything is measured with detectron2's own machinery: weights load through
-``DetectionCheckpointer`` (the compressed one through ``LRPETGeneralizedRCNN``), params and MACs by
+Everything is measured with detectron2's own machinery: models are built by ``build_model`` and
+load strictly (:func:`~lrpet_dense.detectron2.deploy.load_model`; the compressed one into its
+factorised structure, whatever the meta architecture), params and MACs by
 ``FlopCountAnalysis`` (:func:`~lrpet_dense.detectron2.count_flops_params`), accuracy by
 ``inference_on_dataset`` with ``PascalVOCDetectionEvaluator`` (AP50) or ``COCOEvaluator`` (AP).
 :func:`measure_detectron2` returns the plain dict that :func:`lrpet_dense.report.write_report` writes.
@@ -20,7 +21,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, inference_on_dataset
@@ -28,11 +28,10 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.env import seed_all_rng
 
-from lrpet_dense.io import load_checkpoint_safe
 from lrpet_dense.report import (check_same_plan, factorized_layer_names, history_section, initial_weights_match,
                                 latency_section, measure_latency, spectra_section)
 
-from .deploy import count_flops_params, plan_from_checkpoint
+from .deploy import count_flops_params, load_model, plan_from_checkpoint
 
 __all__ = ["evaluate_detector", "chance_detector", "measure_detectron2"]
 
@@ -126,9 +125,7 @@ def _latency(model: nn.Module, hw: Tuple[int, int], repeats: int, warmup: int, t
 
 def _initial_model(cfg: CfgNode, initial: Optional[str]) -> Tuple[nn.Module, str]:
     if initial:
-        model = build_model(cfg)
-        DetectionCheckpointer(model).load(initial)
-        return model, f"checkpoint `{initial}`"
+        return load_model(cfg, initial, dense_only=True)[0], f"checkpoint `{initial}`"
     # detectron2's default_setup seeds with cfg.SEED and the trainer builds the model right after.
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
     model = build_model(cfg)
@@ -181,14 +178,10 @@ def measure_detectron2(
     hw = tuple(int(s) for s in input_hw) if input_hw else (int(cfg.INPUT.MIN_SIZE_TEST),) * 2
     run_dir = run_dir or os.path.dirname(os.path.abspath(checkpoint))
 
-    plan = plan_from_checkpoint(load_checkpoint_safe(checkpoint))
-    cplan = plan_from_checkpoint(load_checkpoint_safe(compressed))
+    dense, ckpt = load_model(cfg, checkpoint, dense_only=True)
+    fact, cckpt = load_model(cfg, compressed)
+    plan, cplan = plan_from_checkpoint(ckpt), plan_from_checkpoint(cckpt)
     check_same_plan(plan, cplan, checkpoint, compressed)
-
-    dense = build_model(cfg)
-    DetectionCheckpointer(dense).load(checkpoint)
-    fact = build_model(cfg)
-    DetectionCheckpointer(fact).load(compressed)
     factorized = factorized_layer_names(fact, compressed)
     dense.eval()
     fact.eval()

@@ -1,132 +1,179 @@
 """Factorised mmseg models for inference, and their checkpoints.
 
-A compressed checkpoint carries its rank plan (plain data from :meth:`RankPlan.to_dict`) twice:
+A compressed checkpoint is an mmengine-style ``{'meta', 'state_dict'}`` file, loadable with
+``torch.load(..., weights_only=True)``, that carries its rank plan three times:
 
-* in ``checkpoint['meta']['lrpet_plan']``, for people and tools;
-* in the state dict's per-module metadata (``state_dict._metadata['']['lrpet_plan']``, the slot
-  torch uses for a module's ``version``), which ``_load_from_state_dict`` receives.
+* as the ``_lrpet_plan`` entry of the state dict (UTF-8 JSON in a uint8 tensor) and in the state
+  dict's root metadata (``state_dict._metadata['']['lrpet_plan']``), which a ``load_state_dict``
+  pre-hook receives (:func:`~lrpet_dense.core.enable_compressed_loading_`);
+* in ``checkpoint['meta']['lrpet_plan']``, for people and tools.
 
-:class:`LRPETEncoderDecoder` (registered in mmseg's ``MODELS``) is an ``EncoderDecoder`` that,
-when a state dict with a plan is loaded into it, first installs the factorised layers of the plan
-(:func:`~lrpet_dense.core.build_factorized_`) and then loads the weights. So with a config whose
-model type is ``LRPETEncoderDecoder`` (the configs of this project are), the ordinary
-``mmseg.apis.init_model(config, compressed.pth)``, ``tools/test.py`` and ``load_from`` all build the
-factorised model with no missing or unexpected keys. A factorised model also writes its plan into
-its own state dict, so checkpoints saved from it (e.g. fine-tuning) stay loadable.
+Loading does not depend on the model type: the pre-hook builds the factorised convs of the plan
+before the weights are copied. :class:`LRPETHook` enables it on the runner's model in ``before_run``,
+so a config with the hook (``custom_hooks``) loads compressed checkpoints with mmseg's own
+``tools/test.py`` and ``load_from`` even with the stock ``EncoderDecoder`` type; this project's
+tools use :func:`load_model`. :class:`LRPETEncoderDecoder` (registered in mmseg's ``MODELS``) is an
+``EncoderDecoder`` with the pre-hook always on, so ``mmseg.apis.init_model`` loads them too. (A stock
+``EncoderDecoder`` outside the runner and these tools cannot know about factorised layers: mmengine
+only warns about unexpected keys there.) A factorised model writes its plan into its own state
+dict's metadata, so checkpoints saved from it (e.g. when fine-tuning) stay loadable.
 
-Everything saved is loadable with ``torch.load(..., weights_only=True)``.
+:func:`compress_model_` checks what it produces: every planned conv must be of its planned rank, and
+the factorised model's logits (``mode='tensor'``) must equal the dense model's in float64
+(:func:`~lrpet_dense.core.compare_outputs`); otherwise the model is left unchanged.
 """
 from __future__ import annotations
 
+import copy
 import logging
-from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 from torch import nn
 
-from lrpet_dense.core import RankPlan, build_factorized_, factorize_
-from lrpet_dense.io import atomic_save
+from lrpet_dense.core import (RankPlan, build_factorized_, check_trainable_, compare_outputs, compressed_state_dict,
+                              enable_compressed_loading_, factorize_, float64_copy, model_plan, project_layers_,
+                              rank_excess)
+from lrpet_dense.core.factorize import PLAN_METADATA_KEY, PLAN_STATE_KEY, plan_from_tensor
+from lrpet_dense.io import atomic_save, check_finite_state, load_checkpoint_safe
+
+from .pairing import pair_conv_bn
 
 __all__ = ["LRPETEncoderDecoder", "PLAN_KEY", "compress_model_", "compressed_state_dict", "save_compressed",
-           "complexity", "max_rank_excess"]
+           "complexity", "max_rank_excess", "load_model", "plan_from_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
-#: Key of the plan in the root module's state-dict metadata and in ``checkpoint['meta']``.
-PLAN_KEY = "lrpet_plan"
-
-
-def _plan_metadata_hook(module: nn.Module, state_dict, prefix: str, local_metadata: dict) -> None:
-    plan = getattr(module, "lrpet_plan", None)
-    if plan is not None:
-        local_metadata[PLAN_KEY] = plan.to_dict()
+#: Key of the plan in ``checkpoint['meta']`` and in the root's state-dict metadata.
+PLAN_KEY = PLAN_METADATA_KEY
+#: Key of the LRPET hook's state (plan and projection counters) in training checkpoints.
+CHECKPOINT_KEY = "lrpet"
 
 
 @MODELS.register_module()
 class LRPETEncoderDecoder(EncoderDecoder):
-    """``EncoderDecoder`` that can load compressed (factorised) LRPET checkpoints.
+    """``EncoderDecoder`` that always loads compressed (factorised) LRPET checkpoints.
 
     Dense, it is exactly an ``EncoderDecoder`` (same arguments, same keys). Loading a state dict
-    whose metadata carries a rank plan factorises the planned convs first.
+    that carries a rank plan factorises the planned convs first.
 
-    Attributes:
-        lrpet_plan: the plan of the factorised layers installed, or None while dense.
+    Args:
+        factorized_from: a compressed checkpoint whose plan the model is built with (factorised from
+            the start), so that fine-tuning it trains the factorised layers: the runner builds the
+            optimizer before it loads ``load_from``, so layers installed while loading would not be
+            in the optimizer (training such a model is an error). Defaults to None (dense).
+        *args, **kwargs: as for ``EncoderDecoder``.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, factorized_from: Optional[str] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.lrpet_plan: Optional[RankPlan] = None
-        self.register_state_dict_post_hook(_plan_metadata_hook)
+        enable_compressed_loading_(self)
+        if factorized_from is not None:
+            ckpt = load_checkpoint_safe(factorized_from)
+            if not is_compressed(ckpt):
+                raise ValueError(f"factorized_from={factorized_from!r} is not a compressed checkpoint (no LRPET plan "
+                                 "in its state dict); give the output of tools/compress_seg.py")
+            build_factorized_(self, plan_from_checkpoint(ckpt))
 
-    def install_plan_(self, plan: RankPlan, *, from_weights: bool) -> List[str]:
-        """Factorise per ``plan`` in place: from the current weights (SVD) or empty, for loading."""
-        if self.lrpet_plan is not None:
-            if self.lrpet_plan.ranks != plan.ranks:
-                raise ValueError("this model is already factorised with another LRPET plan; build a fresh "
-                                 "model to load this checkpoint")
-            return []
-        names = (factorize_ if from_weights else build_factorized_)(self, plan)
-        self.lrpet_plan = plan
-        return names
+    def loss(self, inputs, data_samples):
+        check_trainable_(self)  # not silently "fine-tuning" layers the optimizer does not hold
+        return super().loss(inputs, data_samples)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        plan_data = local_metadata.get(PLAN_KEY) if local_metadata else None
-        if plan_data is not None:
-            # Runs before the children load (torch and mmengine load the parent first), so the
-            # factorised layers are in place when their weights arrive.
-            try:
-                self.install_plan_(RankPlan.from_dict(plan_data), from_weights=False)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"the compressed checkpoint's LRPET plan does not match this model/config: {e}. "
-                                 "Load it with the config it was compressed with") from e
-        elif self.lrpet_plan is not None and any(k.startswith(prefix + "backbone.") for k in state_dict):
-            raise ValueError("cannot load a dense checkpoint (no LRPET plan in it) into a factorised model; "
-                             "build the model from its config and load the dense weights into that")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    @property
+    def lrpet_plan(self) -> Optional[RankPlan]:
+        """The plan of the factorised layers installed, or None while dense."""
+        return model_plan(self)
+
+
+def plan_from_checkpoint(checkpoint: Dict[str, Any]) -> Optional[RankPlan]:
+    """The rank plan stored in a checkpoint dict, or None.
+
+    Looks at a training checkpoint's LRPET hook state (``checkpoint['lrpet']['plan']``) and at a
+    compressed checkpoint's ``meta['lrpet_plan']`` and state dict.
+    """
+    state = checkpoint.get(CHECKPOINT_KEY)
+    if state and state.get("plan") is not None:
+        return RankPlan.from_dict(state["plan"])
+    meta = checkpoint.get("meta") or {}
+    if meta.get(PLAN_KEY) is not None:
+        return RankPlan.from_dict(meta[PLAN_KEY])
+    sd = checkpoint.get("state_dict")
+    if isinstance(sd, dict) and PLAN_STATE_KEY in sd:
+        return plan_from_tensor(sd[PLAN_STATE_KEY])
+    return None
+
+
+def is_compressed(checkpoint: Dict[str, Any]) -> bool:
+    """Whether a checkpoint dict holds a factorised model (not a training checkpoint with a plan)."""
+    sd = checkpoint.get("state_dict")
+    meta = checkpoint.get("meta") or {}
+    if meta.get(PLAN_KEY) is not None or (isinstance(sd, dict) and PLAN_STATE_KEY in sd):
+        return True
+    return PLAN_KEY in ((getattr(sd, "_metadata", None) or {}).get("", {}))
 
 
 def max_rank_excess(model: nn.Module, plan: RankPlan, rtol: float = 1e-4) -> Dict[str, int]:
     """Layers of ``plan`` whose dense weight has numerical rank above the planned rank.
 
-    The rank counts singular values above ``rtol * sigma_1``. An empty result means that
-    factorising reproduces the dense model exactly (to float round-off).
+    The rank counts singular values above ``rtol * sigma_1`` (:func:`~lrpet_dense.core.rank_excess`).
+    An empty result means that factorising reproduces the dense model (to float round-off).
     """
-    out = {}
-    for name, lp in plan.layers.items():
-        w = model.get_submodule(name).weight.detach().float()
-        s = torch.linalg.svdvals(w.reshape(w.shape[0], -1))
-        r = int((s > rtol * s[0]).sum()) if s[0] > 0 else 0
-        if r > lp.rank:
-            out[name] = r
-    return out
+    return {n: r for n, (r, _) in rank_excess(model, plan, rtol).items()}
 
 
-def compress_model_(model: LRPETEncoderDecoder, plan: RankPlan) -> List[str]:
-    """Factorise the planned convs of a trained (projected) ``model`` in place.
+def _check_input(hw: Tuple[int, int]) -> torch.Tensor:
+    return torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x, mode="tensor")
+
+
+def compress_model_(model: nn.Module, plan: RankPlan, *, project: bool = False, projection_options=None,
+                    check_hw: Tuple[int, int] = (64, 64), rtol: float = 1e-4) -> List[str]:
+    """Factorise the planned convs of a trained (projected) segmentor in place, checking the result.
+
+    Args:
+        model: the dense segmentor (any ``EncoderDecoder``).
+        plan: the rank plan (normally the one the LRPET hook saved in the checkpoint).
+        project: project the planned convs onto their rank first (a one-shot truncation, for weights
+            not trained with LRPET). Defaults to False: such weights are refused.
+        projection_options: keyword options of :func:`~lrpet_dense.core.project_layers_` when
+            ``project``. Defaults to the method's defaults.
+        check_hw: input size of the float64 output check. Defaults to 64x64.
+        rtol: tolerance of the output check (see :mod:`lrpet_dense.core.verify`). Defaults to 1e-4.
+
+    Returns:
+        The names of the factorised convs.
 
     Raises:
-        TypeError: ``model`` is not an :class:`LRPETEncoderDecoder` (its checkpoint could not be
-            loaded back by the registry).
+        ValueError: a planned conv is not low-rank and ``project`` is False, or the factorised
+            model's logits differ from the dense model's. The model is unchanged then.
     """
-    if not isinstance(model, LRPETEncoderDecoder):
-        raise TypeError(f"compress a model of type LRPETEncoderDecoder (set model.type="
-                        f"'LRPETEncoderDecoder' in the config), got {type(model).__name__}")
-    return model.install_plan_(plan, from_weights=True)
-
-
-def compressed_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
-    """CPU state dict of a factorised model, with the plan in its metadata."""
-    sd = model.state_dict()
-    out = OrderedDict((k, v.detach().cpu().clone()) for k, v in sd.items())
-    out._metadata = sd._metadata  # type: ignore[attr-defined]
-    if PLAN_KEY not in out._metadata.get("", {}):  # type: ignore[attr-defined]
-        raise ValueError("the model carries no LRPET plan: factorise it with compress_model_ first")
-    return out
+    if project:
+        pairs, _, _ = pair_conv_bn(model, include=list(plan.layers), skip_frozen=False)
+        project_layers_(pairs, plan, **(projection_options or {}))
+    bad = rank_excess(model, plan)
+    if bad:
+        examples = [(n, r, k) for n, (r, k) in list(bad.items())[:3]]
+        raise ValueError(f"{len(bad)} planned conv(s) are not of their planned rank, e.g. {examples} (name, "
+                         "numerical rank, planned rank): the weights were not projected with this plan (not an "
+                         "LRPET-trained checkpoint, or saved before the final projection). Factorising them would "
+                         "change the model's outputs; to project them first (a one-shot truncation), pass --project "
+                         "(project=True)")
+    x = _check_input(check_hw)
+    was_training = model.training
+    reference = _logits(float64_copy(model), x)
+    rehearsal = copy.deepcopy(model)  # the real model changes only once the result has been checked
+    factorize_(rehearsal, plan)
+    compare_outputs(reference, _logits(float64_copy(rehearsal), x), rtol=rtol, what="the factorised segmentor")
+    del rehearsal
+    names = factorize_(model, plan)
+    model.train(was_training)
+    return names
 
 
 def _plain(value):
@@ -144,7 +191,7 @@ def _plain(value):
     return str(value)
 
 
-def save_compressed(model: LRPETEncoderDecoder, path: str, meta: Optional[dict] = None) -> dict:
+def save_compressed(model: nn.Module, path: str, meta: Optional[dict] = None) -> dict:
     """Save a factorised model as an mmengine-style checkpoint ``{'meta', 'state_dict'}``.
 
     Args:
@@ -155,13 +202,57 @@ def save_compressed(model: LRPETEncoderDecoder, path: str, meta: Optional[dict] 
     Returns:
         The saved checkpoint dict.
     """
-    if getattr(model, "lrpet_plan", None) is None:
+    plan = model_plan(model)
+    if plan is None:
         raise ValueError("the model is not factorised: call compress_model_ first")
     meta = _plain(dict(meta or {}))
-    meta[PLAN_KEY] = model.lrpet_plan.to_dict()
+    meta[PLAN_KEY] = plan.to_dict()
     ckpt = {"meta": meta, "state_dict": compressed_state_dict(model)}
     atomic_save(ckpt, path)
     return ckpt
+
+
+def load_model(cfg, path: Optional[str], *, device: str = "cpu", dense_only: bool = False) -> Tuple[nn.Module, dict]:
+    """Build ``cfg``'s segmentor (any model type) and load a dense or compressed checkpoint strictly.
+
+    Like ``mmseg.apis.init_model``, but the checkpoint is read with ``torch.load(weights_only=True)``
+    (errors name the file and any offending class), a compressed one first builds its factorised
+    convs, and any missing or unexpected key is an error (mmengine only warns).
+
+    Args:
+        cfg: an mmengine ``Config`` (not modified).
+        path: the checkpoint, or None for a freshly initialised model.
+        device: where the model goes. Defaults to ``"cpu"``.
+        dense_only: refuse a compressed checkpoint. Defaults to False.
+
+    Returns:
+        ``(model, checkpoint)``: the model in eval mode, and the checkpoint dict (``{}`` without one).
+    """
+    from mmengine.runner.checkpoint import load_state_dict
+    from mmseg.apis import init_model
+
+    ckpt: Dict[str, Any] = {}
+    if path is not None:
+        ckpt = load_checkpoint_safe(path)
+        if dense_only and is_compressed(ckpt):
+            raise ValueError(f"{path} is already compressed (factorised); give the dense training checkpoint it "
+                             "was made from (e.g. iter_N.pth)")
+        check_finite_state(ckpt.get("state_dict", ckpt), f"checkpoint {path!r}")
+    model = enable_compressed_loading_(init_model(copy.deepcopy(cfg), None, device=device))
+    if path is not None:
+        state = ckpt.get("state_dict", ckpt)
+        metadata = getattr(state, "_metadata", None)
+        fixed = type(state)((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
+        if metadata is not None:
+            fixed._metadata = metadata
+        try:
+            load_state_dict(model, fixed, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path!r} does not match the config's model: {str(e).strip()}") from e
+        meta = ckpt.get("meta") or {}
+        if meta.get("dataset_meta"):
+            model.dataset_meta = meta["dataset_meta"]
+    return model.to(device).eval(), ckpt
 
 
 def complexity(model: nn.Module, input_hw: Tuple[int, int]) -> Dict[str, Dict[str, int]]:

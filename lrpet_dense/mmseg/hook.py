@@ -13,58 +13,25 @@ from __future__ import annotations
 import logging
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from mmengine.dist import get_world_size
 from mmengine.hooks import Hook
-from mmengine.logging import HistoryBuffer
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch import nn
 
-from lrpet_dense.core import (ConvBN, LRPETProjector, RankPlan, build_rank_plan, conv_macs, layer_specs,
+from lrpet_dense.core import (ConvBN, LRPETProjector, RankPlan, build_rank_plan, conv_macs,
+                              enable_compressed_loading_, explicit_names, layer_specs, model_plan,
                               record_output_sizes)
 
+from .checkpoint import restore_legacy_buffers_
+from .deploy import CHECKPOINT_KEY
 from .pairing import DEFAULT_INCLUDE, pair_conv_bn
 
-__all__ = ["LRPETHook", "WeightsOnlyCheckpointHook", "build_seg_plan", "backbone_conv_macs"]
+__all__ = ["LRPETHook", "build_seg_plan", "backbone_conv_macs"]
 
 logger = logging.getLogger(__name__)
 
-#: Key of the hook's state in mmengine checkpoints.
-CHECKPOINT_KEY = "lrpet"
-_BUFFER_TAG = "__lrpet_history_buffer__"
-
-
-# torch >= 2.6 loads with ``weights_only=True`` by default, and mmengine 0.10's ``torch.load`` does
-# not opt out; its checkpoints hold ``HistoryBuffer`` objects (message hub) and numpy scalars, so a
-# runner cannot resume them. Allow-listing those classes is not enough (a HistoryBuffer pickles
-# bound methods through ``getattr``, and allow-listing ``getattr`` would open the unpickler to
-# arbitrary code). Instead the hook writes them as plain data and rebuilds them on load, before the
-# runner hands the message hub its state.
-def _plain_value(value):
-    if isinstance(value, HistoryBuffer):
-        log, count = value.data
-        return {_BUFFER_TAG: True, "log": log.tolist(), "count": count.tolist(), "max_length": value.max_length}
-    if isinstance(value, dict):
-        return type(value)((k, _plain_value(v)) for k, v in value.items())
-    if isinstance(value, list):
-        return [_plain_value(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain_value(v) for v in value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
-    return value
-
-
-def _restore_buffers(value):
-    if isinstance(value, dict):
-        if value.get(_BUFFER_TAG):
-            return HistoryBuffer(value["log"], value["count"], value["max_length"])
-        return type(value)((k, _restore_buffers(v)) for k, v in value.items())
-    return value
 
 
 def _input_hw(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, int]:
@@ -105,6 +72,7 @@ def build_seg_plan(
     target_macs_cut: Optional[float] = None,
     overrides: Optional[Mapping[str, float]] = None,
     input_size: Optional[Sequence[int]] = None,
+    project_unfactorized: Sequence[str] = (),
 ) -> RankPlan:
     """The rank plan of ``layers`` of an mmseg segmentor.
 
@@ -120,6 +88,8 @@ def build_seg_plan(
         overrides: ``{pattern: ratio}`` per-layer ratios. Defaults to None.
         input_size: ``(H, W)`` of the planning input. Defaults to ``data_preprocessor.size``
             (the crop size) or 512x512.
+        project_unfactorized: names of selected layers to project even where their factorised form
+            would not save MACs (others such are left out of the plan). Defaults to none.
     """
     hw = _input_hw(model, input_size)
     backbone_names = [f"backbone.{n}" for n, m in model.backbone.named_modules() if isinstance(m, nn.Conv2d)]
@@ -139,34 +109,7 @@ def build_seg_plan(
     reference = sum(conv_macs(tuple(model.get_submodule(n).weight.shape), sizes[n])
                     for n in backbone_names if n in sizes)
     return build_rank_plan(layer_specs(layers, sizes), ratio, target_macs_cut=target_macs_cut,
-                           overrides=overrides, reference_macs=reference)
-
-
-def to_weights_only_(checkpoint: dict) -> None:
-    """Rewrite a checkpoint's ``meta`` and ``message_hub`` as plain data, in place (see above)."""
-    for key in ("meta", "message_hub"):
-        if key in checkpoint:
-            checkpoint[key] = _plain_value(checkpoint[key])
-
-
-def from_weights_only_(checkpoint: dict) -> None:
-    """Undo :func:`to_weights_only_` on a loaded checkpoint, in place (rebuilds ``HistoryBuffer``)."""
-    if "message_hub" in checkpoint:
-        checkpoint["message_hub"] = _restore_buffers(checkpoint["message_hub"])
-
-
-@HOOKS.register_module()
-class WeightsOnlyCheckpointHook(Hook):
-    """Keep mmengine checkpoints loadable (and resumable) with ``torch.load(weights_only=True)``.
-
-    For runs without :class:`LRPETHook` (which does the same), e.g. the dense baseline.
-    """
-
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        to_weights_only_(checkpoint)
-
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        from_weights_only_(checkpoint)
+                           overrides=overrides, reference_macs=reference, project_unfactorized=project_unfactorized)
 
 
 def _check_patterns(value, what: str) -> Tuple[str, ...]:
@@ -279,9 +222,22 @@ class LRPETHook(Hook):
         model = runner.model
         return model.module if is_model_wrapper(model) else model
 
+    def before_run(self, runner) -> None:
+        """Let the model load compressed checkpoints whatever its type (before the runner loads any).
+
+        With a stock ``EncoderDecoder``, ``tools/test.py`` (or ``load_from``) on a compressed checkpoint
+        then builds its factorised convs from the checkpoint's plan instead of ignoring their weights.
+        """
+        enable_compressed_loading_(self._unwrap(runner))
+
     def before_train(self, runner) -> None:
         """Pair convs with their BNs and compute (or take over from a resumed checkpoint) the plan."""
         model = self._unwrap(runner)
+        if model_plan(model) is not None:
+            raise ValueError(f"LRPETHook: LRPET training needs a dense model, but the model is factorised: "
+                             f"load_from={runner._load_from!r} is a compressed checkpoint. Train from the dense "
+                             "checkpoint it was made from (e.g. iter_N.pth), or remove LRPETHook to fine-tune the "
+                             "factorised model")
         pairs, unpaired, frozen = pair_conv_bn(model, self.include, self.exclude, skip_frozen=not self.include_frozen)
         if frozen:
             runner.logger.info(f"LRPET: skipping {len(frozen)} frozen conv(s) (no gradient, projecting "
@@ -292,7 +248,8 @@ class LRPETHook(Hook):
         if not pairs:
             raise ValueError(f"LRPETHook: include={self.include} exclude={self.exclude} selects no trainable conv")
         plan = build_seg_plan(model, pairs, ratio=self.ratio, target_macs_cut=self.target_macs_cut,
-                              overrides=self.overrides, input_size=self.plan_input_size)
+                              overrides=self.overrides, input_size=self.plan_input_size,
+                              project_unfactorized=explicit_names(list(self.include) + list(self.overrides)))
         if self._loaded_plan is not None:
             if self._loaded_plan.ranks != plan.ranks:
                 runner.logger.warning("LRPET: the plan in the resumed checkpoint differs from the one the "
@@ -330,19 +287,14 @@ class LRPETHook(Hook):
 
     # -- checkpoint state -----------------------------------------------------------------------
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        """Store the plan (plain data) and the projection counters under ``checkpoint['lrpet']``.
-
-        Also writes the message hub and meta as plain data, so the checkpoint loads with
-        ``torch.load(weights_only=True)`` (see :func:`_plain_value`).
-        """
-        to_weights_only_(checkpoint)
+        """Store the plan (plain data) and the projection counters under ``checkpoint['lrpet']``."""
         if self.plan is None:
             return
         checkpoint[CHECKPOINT_KEY] = {"plan": self.plan.to_dict(), "projector": self.projector.state_dict()}
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Restore the plan and counters; warn when the checkpoint predates LRPET."""
-        from_weights_only_(checkpoint)
+        restore_legacy_buffers_(checkpoint)  # a checkpoint written by lrpet_dense 0.1
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             runner.logger.warning("LRPET: the loaded checkpoint has no 'lrpet' state (a dense or older "

@@ -1,7 +1,8 @@
 """Measure a trained LRPET mmseg model and its compressed checkpoint for the report.
 
-Everything is measured with mmseg's and mmengine's own machinery: models load through
-``mmseg.apis.init_model`` (the compressed one through :class:`LRPETEncoderDecoder`), params and
+Everything is measured with mmseg's and mmengine's own machinery: models are built as
+``mmseg.apis.init_model`` builds them and load strictly (:func:`~lrpet_dense.mmseg.load_model`; the
+compressed one into its factorised structure, whatever the model type), params and
 MACs by ``mmengine.analysis.get_model_complexity_info`` (:func:`~lrpet_dense.mmseg.complexity`),
 accuracy by the config's ``test_dataloader`` and ``test_evaluator`` (``IoUMetric``: mIoU) run as
 mmengine's ``TestLoop`` runs them. :func:`measure_mmseg` returns the plain dict that
@@ -25,13 +26,10 @@ from mmengine.runner import Runner, set_random_seed
 from mmengine.structures import PixelData
 from torch import nn
 
-from lrpet_dense.core import RankPlan
-from lrpet_dense.io import load_checkpoint_safe
 from lrpet_dense.report import (check_same_plan, factorized_layer_names, history_section, latency_section,
                                 measure_latency, spectra_section)
 
-from .deploy import PLAN_KEY, complexity
-from .hook import CHECKPOINT_KEY
+from .deploy import complexity, load_model, plan_from_checkpoint
 
 __all__ = ["evaluate_segmentor", "chance_segmentor", "measure_mmseg"]
 
@@ -77,13 +75,6 @@ def _latency(model: nn.Module, hw: Tuple[int, int], repeats: int, warmup: int, t
             "backbone": measure_latency(lambda: model.backbone(x), repeats, warmup, threads)}
 
 
-def _plan_of(ckpt: dict) -> Optional[RankPlan]:
-    if ckpt.get(CHECKPOINT_KEY):
-        return RankPlan.from_dict(ckpt[CHECKPOINT_KEY]["plan"])
-    meta = ckpt.get("meta") or {}
-    return RankPlan.from_dict(meta[PLAN_KEY]) if meta.get(PLAN_KEY) else None
-
-
 def measure_mmseg(
     cfg: Config,
     checkpoint: str,
@@ -123,16 +114,13 @@ def measure_mmseg(
     Raises:
         ValueError: a checkpoint carries no LRPET plan, or the two plans differ.
     """
-    from mmseg.apis import init_model
     from mmseg.registry import MODELS
 
     run_dir = run_dir or os.path.dirname(os.path.abspath(checkpoint))
-    plan = _plan_of(load_checkpoint_safe(checkpoint))
-    cplan = _plan_of(load_checkpoint_safe(compressed))
+    dense, ckpt = load_model(cfg, checkpoint, dense_only=True)
+    fact, cckpt = load_model(cfg, compressed)
+    plan, cplan = plan_from_checkpoint(ckpt), plan_from_checkpoint(cckpt)
     check_same_plan(plan, cplan, checkpoint, compressed)
-
-    dense = init_model(copy.deepcopy(cfg), checkpoint, device="cpu")
-    fact = init_model(copy.deepcopy(cfg), compressed, device="cpu")
     factorized = factorized_layer_names(fact, compressed)
     dense.eval()
     fact.eval()
@@ -172,7 +160,7 @@ def measure_mmseg(
     data["history"] = history_section(run_dir, data["notes"])
 
     if initial:
-        init_model_ = init_model(copy.deepcopy(cfg), initial, device="cpu")
+        init_model_ = load_model(cfg, initial, dense_only=True)[0]
         source = f"checkpoint `{initial}`"
     else:
         seed = (cfg.get("randomness") or {}).get("seed")

@@ -5,8 +5,7 @@
 #
 # detectron2 is not on PyPI and mmcv 2.1.0 has no PyPI wheel for torch 2.14. They come from a
 # wheelhouse when one is found (LRPET_WHEELHOUSE, else the wheels/ folder of the workplace's
-# third_party folder: LRPET_THIRD_PARTY, ../shared/third_party beside the checkout, or
-# /work/shared/third_party); otherwise they are built from source: detectron2 from
+# third_party folder: LRPET_THIRD_PARTY, or ../shared/third_party beside the checkout); otherwise they are built from source: detectron2 from
 # LRPET_DETECTRON2_SRC (a path, archive or git URL; default: the third_party source archive, else
 # the upstream repository) and mmcv from PyPI's sdist (slow: ~7 min
 # on 2 cores). Wheels only fit the torch they were built against, hence the torch pin below.
@@ -35,7 +34,7 @@ else
 
   # Where this workplace keeps the frameworks' wheels and sources (first one found).
   THIRD_PARTY=""
-  for d in ${LRPET_THIRD_PARTY:-} "$ROOT/../shared/third_party" /work/shared/third_party; do
+  for d in ${LRPET_THIRD_PARTY:-} "$ROOT/../shared/third_party"; do
     if [ -d "$d" ]; then THIRD_PARTY=$(cd "$d" && pwd); break; fi
   done
   WHEELHOUSE=${LRPET_WHEELHOUSE:-}

@@ -17,12 +17,12 @@ give bit-identical results on different devices. :func:`project_layers_distribut
    copies them in place on every rank (same ``Parameter`` objects, so optimizers and DDP keep
    tracking them).
 
-Without an initialised process group, or with one process, it is :func:`project_layers_`.
+:func:`~lrpet_dense.core.project_` takes this path by itself in a distributed job.
 
 Example (in every process of a job started with ``torchrun`` or detectron2's ``launch``)::
 
-    from lrpet_dense.core.distributed import project_layers_distributed_
-    stats = project_layers_distributed_(layers, plan)  # same weights and stats on every rank
+    from lrpet_dense.core import project_
+    stats = project_(layers, plan, config)  # same weights and stats on every rank
 """
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .projection import (ConvBN, LayerStats, compute_layer_projections, layer_cost, plan_ranks,
-                         project_layers_)
+from .config import LRPETConfig
+from .projection import ConvBN, LayerStats, _compute_layer_projections, layer_cost, plan_ranks
 from .rank import RankPlan
 
-__all__ = ["DistributedProjectionError", "assign_layers", "layer_cost", "project_layers_distributed_"]
+__all__ = ["DistributedProjectionError"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class DistributedProjectionError(RuntimeError):
 
 
 class _BNStats(NamedTuple):
-    """Stand-in for a BatchNorm holding rank 0's statistics (what :func:`bn_scale_of` reads)."""
+    """Stand-in for a BatchNorm holding rank 0's statistics (what the projection's BN scale reads)."""
 
     running_var: Tensor
     weight: Optional[Tensor]
@@ -146,120 +146,109 @@ def _named_layer(exc: BaseException, names: Sequence[str]) -> Optional[str]:
     return next((n for n in names if repr(n) in text or f'"{n}"' in text), None)
 
 
-def project_layers_distributed_(
-    layers: Sequence[ConvBN],
-    plan: Union[RankPlan, Mapping[str, int]],
-    *,
-    energy_transfer: bool = True,
-    bn_rectification: bool = True,
-    ridge: float = 1e-5,
-    residual: float = 0.0,
-    group: Optional["dist.ProcessGroup"] = None,
-) -> List[LayerStats]:
+def _project_distributed(layers: Sequence[ConvBN], plan: Union[RankPlan, Mapping[str, int]], config: LRPETConfig,
+                         group=None) -> List[LayerStats]:
     """Project every planned layer in place on every rank, sharing the work; bit-identical results.
 
-    Must be called by every rank of ``group`` with the same layers and plan (a collective). Each
-    planned layer is projected by one owner rank, with rank 0's BN statistics, and the new weight
-    is broadcast from the owner; the stats are shared too, so every rank returns the same list.
-    If any rank fails, every rank raises :class:`DistributedProjectionError` (naming the layer) and
-    no weight changes anywhere. Without an initialised process group or with one process, this is
-    :func:`~lrpet_dense.core.project_layers_`.
-
-    Args:
-        layers: ``(name, conv, bn)`` triples; layers not in ``plan`` are skipped.
-        plan: a :class:`RankPlan` or ``{name: rank}``; every planned name must be in ``layers``.
-        energy_transfer: see :func:`~lrpet_dense.core.lrpet_project`. Defaults to True.
-        bn_rectification: project the BN-folded weight for layers with a BN. Defaults to True.
-        ridge: see :func:`~lrpet_dense.core.lrpet_project`. Defaults to 1e-5.
-        residual: see :func:`~lrpet_dense.core.lrpet_project`. Defaults to 0.
-        group: the process group. Defaults to None (the default group).
-
-    Returns:
-        One :class:`LayerStats` per projected layer, in ``layers`` order, equal on every rank.
+    Must be called by every rank of ``group`` with the same layers and plan (a collective); see the
+    module docs. Reached through :func:`~lrpet_dense.core.project_`.
 
     Raises:
         DistributedProjectionError: on every rank, when any rank failed; nothing was written.
     """
-    opts = dict(energy_transfer=energy_transfer, ridge=ridge, residual=residual)
-    if not _is_distributed(group):
-        return project_layers_(layers, plan, bn_rectification=bn_rectification, **opts)
     world, me = dist.get_world_size(group), dist.get_rank(group)
     device = _comm_device(group)
+    todo, shapes, signature, failure = _planned_layers(layers, plan)
+    _agree(failure, None, signature, device, group)  # agreed even here: no rank is left waiting
+    if not todo:
+        return []
+    owners = assign_layers([layer_cost(s) for s in shapes], world)
+    bn_for = _rank0_bn_statistics(todo, config, device, group)
+    mine = [i for i, o in enumerate(owners) if o == me]
+    results, failure, failed_layer = _compute_mine(todo, mine, bn_for, plan, config, me)
+    _agree(failure, failed_layer, signature, device, group)
+    received, stats = _exchange(todo, owners, mine, results, device, group)
+    with torch.no_grad():  # everything has arrived: now write
+        for i, (layer, _) in enumerate(todo):
+            w = layer.conv.weight
+            w.copy_(received[i].view(w.shape))
+    out = []
+    for i, (layer, k) in enumerate(todo):
+        w = layer.conv.weight
+        out.append(LayerStats(layer.name, k, min(w.shape[0], w[0].numel()), float(stats[i, 0]), float(stats[i, 1])))
+    return out
 
-    # 1. Every rank: the planned layers, their owners, rank 0's BN statistics. Cheap and identical
-    #    on every rank; failures are still agreed on, so no rank is left waiting in a collective.
-    failure: Optional[str] = None
-    todo: List[Tuple[ConvBN, int]] = []
-    signature = 0
+
+def _planned_layers(layers, plan):
+    """``(todo, shapes, signature, failure)``: the planned layers with their ranks, cheap and identical on
+    every rank; an error becomes ``failure`` so that it reaches the other ranks."""
     try:
         ranks = plan_ranks(layers, plan)
         todo = [(l, ranks[l.name]) for l in layers if l.name in ranks]
         shapes = [tuple(l.conv.weight.shape) for l, _ in todo]
-        signature = _signature([l.name for l, _ in todo], shapes, [k for _, k in todo])
+        return todo, shapes, _signature([l.name for l, _ in todo], shapes, [k for _, k in todo]), None
     except Exception as e:  # noqa: BLE001 - every error must reach the other ranks
-        failure = f"{type(e).__name__}: {e}"
-    _agree(failure, None, signature, device, group)
-    if not todo:
-        return []
-    owners = assign_layers([layer_cost(s) for s in shapes], world)
+        return [], [], 0, f"{type(e).__name__}: {e}"
 
-    # BN statistics (running_var, gamma) of every BN-rectified layer, from rank 0, as float64
-    # (exact for float16/32 statistics). Layers whose norm has no running statistics keep their
-    # module, and the owner's projection reports it.
+
+def _rank0_bn_statistics(todo, config: LRPETConfig, device, group) -> Dict[int, object]:
+    """Rank 0's BN statistics (running_var, gamma) of every BN-rectified layer, as float64 (exact for
+    float16/32). Layers whose norm has no running statistics keep their module; the owner's projection
+    reports it."""
     with_stats = [i for i, (l, _) in enumerate(todo)
-                  if bn_rectification and l.bn is not None and getattr(l.bn, "running_var", None) is not None
+                  if config.bn_rectification and l.bn is not None and getattr(l.bn, "running_var", None) is not None
                   and hasattr(l.bn, "eps")]
-    bn_for: Dict[int, object] = {}
-    if with_stats:
-        parts = []
-        for i in with_stats:
-            bn = todo[i][0].bn
-            parts.append(bn.running_var.detach().reshape(-1))
-            if getattr(bn, "weight", None) is not None:
-                parts.append(bn.weight.detach().reshape(-1))
-        flat = torch.cat([p.to(device=device, dtype=torch.float64) for p in parts])
-        dist.broadcast(flat, src=_global(group, 0), group=group)
-        offset = 0
-        for i in with_stats:
-            bn = todo[i][0].bn
-            n = bn.running_var.numel()
-            var = flat[offset:offset + n].to(bn.running_var.dtype).view_as(bn.running_var)
+    if not with_stats:
+        return {}
+    parts = []
+    for i in with_stats:
+        bn = todo[i][0].bn
+        parts.append(bn.running_var.detach().reshape(-1))
+        if getattr(bn, "weight", None) is not None:
+            parts.append(bn.weight.detach().reshape(-1))
+    flat = torch.cat([p.to(device=device, dtype=torch.float64) for p in parts])
+    dist.broadcast(flat, src=_global(group, 0), group=group)
+    bn_for, offset = {}, 0
+    for i in with_stats:
+        bn = todo[i][0].bn
+        n = bn.running_var.numel()
+        var = flat[offset:offset + n].to(bn.running_var.dtype).view_as(bn.running_var)
+        offset += n
+        gamma = None
+        if getattr(bn, "weight", None) is not None:
+            gamma = flat[offset:offset + n].to(bn.weight.dtype).view_as(bn.weight)
             offset += n
-            gamma = None
-            if getattr(bn, "weight", None) is not None:
-                gamma = flat[offset:offset + n].to(bn.weight.dtype).view_as(bn.weight)
-                offset += n
-            bn_for[i] = _BNStats(var, gamma, float(bn.eps))
+        bn_for[i] = _BNStats(var, gamma, float(bn.eps))
+    return bn_for
 
-    # 2. Each owner computes its layers; nothing is written yet.
-    mine = [i for i, o in enumerate(owners) if o == me]
+
+def _compute_mine(todo, mine, bn_for, plan, config: LRPETConfig, me: int):
+    """This rank's layers' new weights (nothing written): ``(results, failure, failed layer)``."""
     sub_layers = [ConvBN(todo[i][0].name, todo[i][0].conv, bn_for.get(i, todo[i][0].bn)) for i in mine]
     sub_ranks = {todo[i][0].name: todo[i][1] for i in mine}
     sub_plan: Union[RankPlan, Dict[str, int]] = sub_ranks
     if isinstance(plan, RankPlan):  # keeps the per-layer shape check against the plan
         sub_plan = dataclasses.replace(plan, layers={n: plan.layers[n] for n in sub_ranks})
-    failure, failed_layer = None, None
-    results: List[Tuple[ConvBN, Tensor, LayerStats]] = []
     try:
-        results = compute_layer_projections(sub_layers, sub_plan, bn_rectification=bn_rectification, **opts)
+        return _compute_layer_projections(sub_layers, sub_plan, config), None, None
     except Exception as e:  # noqa: BLE001 - every error must reach the other ranks
         names = [l.name for l in sub_layers]
         failed_layer = _named_layer(e, names)
         if failed_layer is None:  # an error that does not say which layer: find it, one layer at a time
             for layer in sub_layers:
                 try:
-                    compute_layer_projections([layer], {layer.name: sub_ranks[layer.name]},
-                                              bn_rectification=bn_rectification, **opts)
+                    _compute_layer_projections([layer], {layer.name: sub_ranks[layer.name]}, config)
                 except Exception:  # noqa: BLE001
                     failed_layer = layer.name
                     break
         where = f" (layer {failed_layer!r})" if failed_layer and failed_layer not in str(e) else ""
-        failure = f"{type(e).__name__}{where}: {e}"
         logger.error("LRPET projection failed on rank %d%s: %s", me, where, e)
-    _agree(failure, failed_layer, signature, device, group)
+        return [], f"{type(e).__name__}{where}: {e}", failed_layer
 
-    # 3. Broadcast every owner's new weights (one flat buffer per owner and dtype) and the stats;
-    #    write only once everything has arrived.
+
+def _exchange(todo, owners, mine, results, device, group):
+    """Broadcast every owner's new weights (one flat buffer per owner and dtype) and the stats."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
     new_by_index: Dict[int, Tensor] = {}
     stats = torch.zeros(len(todo), 2, dtype=torch.float64, device=device)
     for i, (_, new, s) in zip(mine, results):
@@ -267,9 +256,8 @@ def project_layers_distributed_(
         stats[i, 0], stats[i, 1] = s.energy_kept, s.rel_change
     received: Dict[int, Tensor] = {}
     for owner in range(world):
-        owned = [i for i, o in enumerate(owners) if o == owner]
         by_dtype: Dict[torch.dtype, List[int]] = {}
-        for i in owned:
+        for i in (i for i, o in enumerate(owners) if o == owner):
             by_dtype.setdefault(todo[i][0].conv.weight.dtype, []).append(i)
         for dtype, idx in by_dtype.items():
             sizes = [todo[i][0].conv.weight.numel() for i in idx]
@@ -281,13 +269,4 @@ def project_layers_distributed_(
             for i, chunk in zip(idx, torch.split(flat, sizes)):
                 received[i] = chunk
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)  # each row is non-zero on its owner only
-    stats = stats.cpu()
-    with torch.no_grad():
-        for i, (layer, _) in enumerate(todo):
-            w = layer.conv.weight
-            w.copy_(received[i].view(w.shape))
-    out = []
-    for i, (layer, k) in enumerate(todo):
-        w = layer.conv.weight
-        out.append(LayerStats(layer.name, k, min(w.shape[0], w[0].numel()), float(stats[i, 0]), float(stats[i, 1])))
-    return out
+    return received, stats.cpu()

@@ -35,9 +35,7 @@ from torch import nn
 from .macs import factorization_saves
 from .rank import LayerPlan, RankPlan
 
-__all__ = ["FactorizedConv2d", "PointwiseConv2d", "factorize_", "build_factorized_", "enable_compressed_loading_",
-           "check_trainable_",
-           "compressed_state_dict", "plan_in_state_dict", "model_plan", "PLAN_STATE_KEY", "PLAN_METADATA_KEY"]
+__all__ = ["FactorizedConv2d", "factorize_", "enable_compressed_loading_"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +53,9 @@ class PointwiseConv2d(nn.Conv2d):
     ``aten::_convolution`` see it). In CPU float32 inference on a channels_last input it runs
     oneDNN's convolution (``torch.mkldnn_convolution``, what PyTorch itself runs there on several
     threads), which PyTorch does not pick for an unstrided 1x1 conv of a small batch on one thread:
-    it takes its im2col/GEMM path instead, about half as fast (measured 40-55 vs 100-115 GMAC/s per
-    core on AVX-512, see ``benchmarks/README.md``).
+    it takes its im2col/GEMM path instead, about half as fast (``benchmarks/README.md`` has the
+    figures). The kernel is called directly because no public switch selects it: this is the same
+    call PyTorch's own dispatch makes for such convs on several threads, with the same arguments.
     """
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
@@ -261,7 +260,7 @@ def _surgery(model: nn.Module, plan: Union[RankPlan, Dict[str, int]],
             raise ValueError(f"layer {name!r}: weight shape {shape} differs from the plan's {plan[name].shape}")
         if not factorization_saves(shape, rank):
             continue  # two thin convs would cost more: keep the (low-rank) dense conv
-        todo.append((name, conv, make(conv, rank)))
+        todo.append((name, conv, make(conv, rank).train(conv.training)))
     # Everything is built: now swap every reference, undoing all of it if anything fails, so a failed
     # surgery leaves the model as it was.
     undo: list = []
@@ -285,11 +284,12 @@ def _surgery(model: nn.Module, plan: Union[RankPlan, Dict[str, int]],
     return [n for n, _, _ in todo]
 
 
-def factorize_(model: nn.Module, plan: Union[RankPlan, Dict[str, int]]) -> List[str]:
+def factorize_(model: nn.Module, plan: Union[RankPlan, Dict[str, int]], *, from_weights: bool = True) -> List[str]:
     """Replace each planned conv by a :class:`FactorizedConv2d` where that reduces MACs, in place.
 
     The new weights come from each conv's SVD, so a conv that was projected to rank ``k`` is
-    reproduced exactly (to float round-off). Every reference to a replaced conv that a module holds
+    reproduced exactly (to float round-off); with ``from_weights=False`` they are left uninitialised,
+    to load a compressed checkpoint into (the structure is the same). Every reference to a replaced conv that a module holds
     (registered or in a plain list/tuple/dict attribute, as detectron2's FPN keeps them) is replaced;
     a forward that still reaches an original conv raises instead of computing with stale weights.
     Atomic: all replacements are built before any is installed, and a failure undoes the swaps.
@@ -299,13 +299,7 @@ def factorize_(model: nn.Module, plan: Union[RankPlan, Dict[str, int]]) -> List[
     Returns:
         The names of the layers that were factorised.
     """
-    return _surgery(model, plan, FactorizedConv2d.from_conv)
-
-
-def build_factorized_(model: nn.Module, plan: Union[RankPlan, Dict[str, int]]) -> List[str]:
-    """Install uninitialised factorised layers per ``plan`` (same choice as :func:`factorize_`),
-    so that a compressed checkpoint's state dict loads into ``model`` with matching keys."""
-    return _surgery(model, plan, FactorizedConv2d.empty_like)
+    return _surgery(model, plan, FactorizedConv2d.from_conv if from_weights else FactorizedConv2d.empty_like)
 
 
 # -- compressed checkpoints: the plan travels with the weights ----------------------------------------
@@ -399,7 +393,7 @@ def _install_plan_pre_hook(module, state_dict, prefix, local_metadata, strict, m
                              "fresh model from the config to load it")
         return
     try:
-        names = build_factorized_(module, plan)
+        names = factorize_(module, plan, from_weights=False)
     except (ValueError, TypeError) as e:
         raise ValueError(f"the compressed checkpoint does not match this model/config: {e}. Load it with the "
                          "config it was compressed with") from e
@@ -430,7 +424,7 @@ def enable_compressed_loading_(model: nn.Module) -> nn.Module:
 
     Registers a ``load_state_dict`` pre-hook on ``model`` (run by ``torch``'s, mmengine's and
     detectron2's loaders alike) that, when the state dict carries a rank plan, first builds the
-    factorised convs of the plan (:func:`build_factorized_`), so the weights load with no missing or
+    factorised convs of the plan (:func:`factorize_` with ``from_weights=False``), so the weights load with no missing or
     unexpected keys. A dense state dict loads as usual into a dense model. Errors: a plan that does
     not fit the model, factorised weights without a plan, a dense state dict into a factorised model.
     """

@@ -27,10 +27,10 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, U
 import torch
 from torch import Tensor, nn
 
+from .config import LRPETConfig
 from .rank import RankPlan
 
-__all__ = ["ConvBN", "LayerStats", "lrpet_project", "project_layers_", "bn_scale_of", "compute_projection",
-           "compute_layer_projections", "layer_cost", "plan_ranks"]
+__all__ = ["ConvBN", "LayerStats", "lrpet_project", "project_"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class LayerStats:
     rel_change: float
 
 
-def bn_scale_of(bn: nn.Module, name: str = "") -> Tensor:
+def _bn_scale(bn: nn.Module, name: str = "") -> Tensor:
     """``gamma / sqrt(running_var + eps)`` of a BatchNorm-like module (BN, SyncBN, FrozenBN).
 
     Uses the running statistics, never batch statistics.
@@ -89,8 +89,9 @@ def _check_finite(t: Tensor, what: str, name: str) -> None:
 class _Scratch:
     """Reusable buffers for the large temporaries of the layers one thread projects.
 
-    A fresh multi-megabyte CPU tensor page-faults on first touch; with every temporary fresh that
-    cost 5-10% of a ResNet-50 projection here. Buffers only grow; none is ever returned to the caller.
+    A fresh multi-megabyte CPU tensor page-faults on first touch, which is a measurable share of a
+    projection (``benchmarks/README.md``); buffers are reused instead. They only grow; none is ever
+    returned to the caller.
     """
 
     def __init__(self) -> None:
@@ -221,25 +222,15 @@ def _project_matrix(M: Tensor, k: int, energy_transfer: bool, residual: float, t
     return Mk * alpha + residual * (M - Mk), kept / total
 
 
-def _validate_args(ridge: float, residual: float) -> None:
-    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
-        raise ValueError(f"ridge (lambda) must be a finite number >= 0, got {ridge!r}")
-    if not (isinstance(residual, (int, float)) and 0.0 <= residual <= 1.0):
-        raise ValueError(f"residual factor r must lie in [0, 1], got {residual!r}")
-
-
-def compute_projection(
+def _compute_projection(
     weight: Tensor,
     rank: int,
-    *,
-    bn_scale: Optional[Tensor] = None,
-    energy_transfer: bool = True,
-    ridge: float = 1e-5,
-    residual: float = 0.0,
+    bn_scale: Optional[Tensor],
+    config: LRPETConfig,
     name: str = "weight",
 ) -> Tuple[Tensor, float]:
     """Like :func:`lrpet_project`, also returning the energy fraction kept before ET."""
-    _validate_args(ridge, residual)
+    energy_transfer, ridge, residual = config.energy_transfer, config.ridge, config.residual
     if weight.dim() not in (2, 4):
         raise ValueError(f"layer {name!r}: weight must be 2-D or 4-D, got shape {tuple(weight.shape)}")
     n = weight.shape[0]
@@ -278,32 +269,21 @@ def compute_projection(
     return out.reshape(weight.shape).to(weight.dtype), kept
 
 
-def lrpet_project(
-    weight: Tensor,
-    rank: int,
-    *,
-    bn_scale: Optional[Tensor] = None,
-    energy_transfer: bool = True,
-    ridge: float = 1e-5,
-    residual: float = 0.0,
-) -> Tensor:
-    """Project one conv/linear weight onto rank ``rank`` the LRPET way.
+def lrpet_project(weight: Tensor, rank: int, *, bn_scale: Optional[Tensor] = None,
+                  config: Optional[LRPETConfig] = None) -> Tensor:
+    """Project one conv/linear weight onto rank ``rank`` the LRPET way (METHOD.md section 3).
 
     Args:
         weight: ``(n, c, kh, kw)`` or ``(n, d)`` weight; not modified.
         rank: target rank ``k`` in ``[1, min(n, c*kh*kw)]``. ``k`` equal to the full rank returns a copy.
         bn_scale: ``gamma / sqrt(running_var + eps)`` of the BN after the conv (``(n,)``), or None
             for no BN rectification. Defaults to None.
-        energy_transfer: rescale the kept singular values so the Frobenius norm of the (folded)
-            weight is unchanged. Defaults to True.
-        ridge: ``lambda`` of the BN-rectified recovery ``W' = a / (a^2 + lambda) * M'``. Defaults to 1e-5.
-        residual: residual factor ``r`` in ``[0, 1]`` keeping ``r * s_i`` for ``i > k``. Defaults to 0.
+        config: ``energy_transfer``, ``ridge`` and ``residual`` come from it. Defaults to ``LRPETConfig()``.
 
     Returns:
         The new weight, same shape and dtype as ``weight``.
     """
-    return compute_projection(weight, rank, bn_scale=bn_scale, energy_transfer=energy_transfer,
-                              ridge=ridge, residual=residual)[0]
+    return _compute_projection(weight, rank, bn_scale, config or LRPETConfig())[0]
 
 
 def layer_cost(shape: Sequence[int]) -> int:
@@ -319,23 +299,36 @@ def layer_cost(shape: Sequence[int]) -> int:
     return n * d * m + m ** 3
 
 
-def _map_layers(fn, jobs: Sequence, cost: Sequence[float]) -> List:
-    """``[fn(*job) for job in jobs]``, on CPU spread over threads with one BLAS thread each.
+@contextmanager
+def _one_blas_thread():
+    """Run the block with torch's intra-op thread count at 1, restored afterwards (process-global).
 
-    Single-threaded LAPACK ``eigh`` uses a core better than a multi-threaded one (its tridiagonal
-    reduction scales poorly), so with ``T = torch.get_num_threads() > 1`` the layers run on ``T``
-    Python threads (torch releases the GIL), each with one intra-op thread, largest first. Each
-    layer is then computed single-threaded whatever ``T`` is, so results do not depend on the thread
-    count. The global thread setting is restored afterwards. CUDA tensors run in order.
+    Each layer is then computed single-threaded whatever the caller's setting, so projection results
+    do not depend on the thread count; and LAPACK's ``eigh`` (its tridiagonal reduction scales poorly)
+    gets more done per core single-threaded on several layers at once than multi-threaded on one.
+    The projection runs synchronously inside the training step, so no other torch work of this
+    process sees the temporary setting.
     """
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _map_layers(fn, jobs: Sequence, cost: Sequence[float]) -> List:
+    """``[fn(*job) for job in jobs]``; on CPU, spread over ``torch.get_num_threads()`` Python threads.
+
+    Layers go largest first, each computed with one BLAS thread (:func:`_one_blas_thread`); torch
+    releases the GIL, so ``T`` threads project ``T`` layers at once. CUDA tensors run in order.
+    """
     on_cpu = all(job[0].device.type == "cpu" for job in jobs)
     if not on_cpu or len(jobs) < 2:
         with _scratch_scope():
             return [fn(*job) for job in jobs]
     order = sorted(range(len(jobs)), key=lambda i: -cost[i])
-    torch.set_num_threads(1)
-    try:
+    with _one_blas_thread() as threads:
         if threads == 1:
             with _scratch_scope():
                 out = {i: fn(*jobs[i]) for i in order}
@@ -347,15 +340,10 @@ def _map_layers(fn, jobs: Sequence, cost: Sequence[float]) -> List:
 
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lrpet", initializer=init_worker) as pool:
             futures = {i: pool.submit(fn, *jobs[i]) for i in order}
-            errors = {}
-            for i, f in futures.items():
-                if f.exception() is not None:
-                    errors[i] = f.exception()
+            errors = {i: f.exception() for i, f in futures.items() if f.exception() is not None}
             if errors:  # report the first failing layer in model order
                 raise errors[min(errors)]
             return [futures[i].result() for i in range(len(jobs))]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def plan_ranks(layers: Sequence[ConvBN], plan: Union[RankPlan, Mapping[str, int]]) -> Dict[str, int]:
@@ -369,21 +357,16 @@ def plan_ranks(layers: Sequence[ConvBN], plan: Union[RankPlan, Mapping[str, int]
     return ranks
 
 
-def compute_layer_projections(
+def _compute_layer_projections(
     layers: Sequence[ConvBN],
     plan: Union[RankPlan, Mapping[str, int]],
-    *,
-    energy_transfer: bool = True,
-    bn_rectification: bool = True,
-    ridge: float = 1e-5,
-    residual: float = 0.0,
+    config: LRPETConfig,
 ) -> List[Tuple[ConvBN, Tensor, LayerStats]]:
-    """The new weights of every planned layer, without writing them (see :func:`project_layers_`).
+    """The new weights of every planned layer, without writing them (see :func:`project_`).
 
     Returns:
         ``(layer, new_weight, stats)`` per planned layer, in ``layers`` order.
     """
-    _validate_args(ridge, residual)
     ranks = plan_ranks(layers, plan)
     todo = []
     for layer in layers:
@@ -397,13 +380,12 @@ def compute_layer_projections(
         if isinstance(plan, RankPlan) and tuple(plan[name].shape) != tuple(w.shape) + (1,) * (4 - w.dim()):
             raise ValueError(f"layer {name!r}: weight shape {tuple(w.shape)} differs from the plan's "
                              f"{plan[name].shape}")
-        scale = bn_scale_of(bn, name) if (bn_rectification and bn is not None) else None
+        scale = _bn_scale(bn, name) if (config.bn_rectification and bn is not None) else None
         todo.append((layer, w, ranks[name], scale))
 
     def one(w: Tensor, layer: ConvBN, rank: int, scale: Optional[Tensor]):
         try:
-            new, kept = compute_projection(w, rank, bn_scale=scale, energy_transfer=energy_transfer,
-                                           ridge=ridge, residual=residual, name=layer.name)
+            new, kept = _compute_projection(w, rank, scale, config, name=layer.name)
         except Exception as e:  # e.g. an eigensolver failure: say which layer it was
             if repr(layer.name) in str(e):
                 raise
@@ -422,36 +404,72 @@ def compute_layer_projections(
     return _map_layers(one, [(w, layer, r, a) for layer, w, r, a in todo], [layer_cost(t[1].shape) for t in todo])
 
 
-def project_layers_(
+def _write_(results: Sequence[Tuple[ConvBN, Tensor, LayerStats]]) -> None:
+    with torch.no_grad():
+        for layer, new, _ in results:
+            layer.conv.weight.copy_(new)
+
+
+def project_(
     layers: Sequence[ConvBN],
     plan: Union[RankPlan, Mapping[str, int]],
+    config: Optional[LRPETConfig] = None,
     *,
-    energy_transfer: bool = True,
-    bn_rectification: bool = True,
-    ridge: float = 1e-5,
-    residual: float = 0.0,
+    distributed: Optional[bool] = None,
+    group=None,
 ) -> List[LayerStats]:
-    """Project every planned layer in place, atomically.
+    """Project every planned layer in place, atomically; shared over the ranks of a distributed job.
 
-    All new weights are computed first (on CPU, several layers at a time, see :func:`_map_layers`);
-    they are written (into the same ``Parameter`` objects, so optimizers and DDP keep tracking
-    them) only when every layer succeeded. An error on any layer leaves every layer unchanged and
-    names the layer.
+    All new weights are computed first (on CPU, several layers at a time); they are written (into
+    the same ``Parameter`` objects, so optimizers and DDP keep tracking them) only when every layer
+    succeeded. An error on any layer leaves every layer unchanged and names the layer.
+
+    In a distributed job (an initialised process group with more than one process) every rank must
+    call this with the same layers and plan: each layer is projected by one owner rank, with rank
+    0's BN statistics, and broadcast, so all ranks end bit-identical (see
+    :mod:`lrpet_dense.core.distributed`); a failure on any rank changes nothing on any rank.
 
     Args:
         layers: ``(name, conv, bn)`` triples from a framework adapter; layers not in ``plan`` are skipped.
         plan: a :class:`RankPlan` or ``{name: rank}``. Every planned name must be in ``layers``.
-        energy_transfer: see :func:`lrpet_project`. Defaults to True.
-        bn_rectification: project the BN-folded weight for layers with a BN. Defaults to True.
-        ridge: see :func:`lrpet_project`. Defaults to 1e-5.
-        residual: see :func:`lrpet_project`. Defaults to 0.
+        config: ``energy_transfer``, ``bn_rectification``, ``ridge`` and ``residual`` come from it.
+            Defaults to ``LRPETConfig()``.
+        distributed: share the work over the process group. Defaults to None: when one is
+            initialised with more than one process.
+        group: the process group. Defaults to None (the default group).
 
     Returns:
-        One :class:`LayerStats` per projected layer, in ``layers`` order.
+        One :class:`LayerStats` per projected layer, in ``layers`` order (the same on every rank).
     """
-    results = compute_layer_projections(layers, plan, energy_transfer=energy_transfer,
-                                        bn_rectification=bn_rectification, ridge=ridge, residual=residual)
-    with torch.no_grad():
-        for layer, new, _ in results:
-            layer.conv.weight.copy_(new)
+    config = config or LRPETConfig()
+    if distributed is None or distributed:
+        from .distributed import _is_distributed, _project_distributed
+
+        if _is_distributed(group):
+            return _project_distributed(layers, plan, config, group)
+        if distributed:
+            raise ValueError("project_(distributed=True) needs an initialised process group with more than one process")
+    results = _compute_layer_projections(layers, plan, config)
+    _write_(results)
     return [s for _, _, s in results]
+
+
+def layer_spectra(layers: Sequence[ConvBN], names: Sequence[str], config: Optional[LRPETConfig] = None) -> Dict[str, List[float]]:
+    """Singular values (descending) of the weights the projection sees: BN-folded under BN rectification.
+
+    For the energy rank policy (:func:`~lrpet_dense.core.build_rank_plan`). Computed in float64 from
+    the smaller Gram matrix.
+    """
+    config = config or LRPETConfig()
+    wanted = set(names)
+    out = {}
+    for name, conv, bn in layers:
+        if name not in wanted:
+            continue
+        w = conv.weight.detach()
+        m = w.reshape(w.shape[0], -1).double().cpu()
+        if config.bn_rectification and bn is not None:
+            m = m * _bn_scale(bn, name).cpu()[:, None]
+        ev = torch.linalg.eigvalsh(m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m)
+        out[name] = ev.clamp_min(0).sqrt().flip(0).tolist()
+    return out

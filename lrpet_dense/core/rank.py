@@ -5,12 +5,12 @@ be logged, saved in a checkpoint (loadable with ``torch.load(..., weights_only=T
 to rebuild a factorised model before its weights are loaded.
 
 Example:
-    >>> from lrpet_dense.core import LayerSpec, build_rank_plan
+    >>> from lrpet_dense.core import LayerSpec, LRPETConfig, build_rank_plan
     >>> specs = [LayerSpec("conv1", (64, 64, 3, 3), (56, 56)), LayerSpec("conv2", (256, 64, 1, 1), (56, 56))]
-    >>> plan = build_rank_plan(specs, ratio=0.25)
+    >>> plan = build_rank_plan(specs, LRPETConfig(ratio=0.25))
     >>> plan.ranks
     {'conv1': 48, 'conv2': 48}
-    >>> plan2 = build_rank_plan(specs, target_macs_cut=0.3)  # solve the one ratio p for a 30% cut
+    >>> plan2 = build_rank_plan(specs, LRPETConfig(target_macs_cut=0.3))  # solve the one ratio p for a 30% cut
     >>> plan2.reached_macs_cut >= 0.3
     True
 """
@@ -23,18 +23,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from .config import LRPETConfig
 from .macs import conv_macs, factorized_macs, factorization_saves
 
-__all__ = [
-    "rank_from_ratio",
-    "LayerSpec",
-    "LayerPlan",
-    "RankPlan",
-    "build_rank_plan",
-    "match_any",
-    "select_names",
-    "explicit_names",
-]
+__all__ = ["rank_from_ratio", "LayerSpec", "LayerPlan", "RankPlan", "build_rank_plan"]
 
 # Ratios the MAC solver may return lie on this grid (1e-4), so they read and log cleanly.
 _RATIO_GRID = 10_000
@@ -150,6 +142,8 @@ class RankPlan:
     #: Selected layers left out of the plan (not projected) because two thin convs would not cost fewer
     #: MACs at their rank, so projecting them would lose rank and save nothing.
     left_dense: List[str] = field(default_factory=list)
+    #: ``"uniform"`` (one ratio) or ``"energy"`` (see :func:`build_rank_plan`).
+    policy: str = "uniform"
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -189,6 +183,7 @@ class RankPlan:
             "reference_macs": self.reference_macs,
             "overrides": dict(self.overrides),
             "left_dense": list(self.left_dense),
+            "policy": self.policy,
             "layers": [
                 {"name": lp.name, "shape": list(lp.shape), "rank": lp.rank, "ratio": lp.ratio,
                  "out_hw": None if lp.out_hw is None else list(lp.out_hw)}
@@ -209,7 +204,8 @@ class RankPlan:
                     raise ValueError(f"layer {lp.name!r}: rank {lp.rank} outside [1, {lp.full_rank}]")
                 layers[lp.name] = lp
             return cls(layers, float(data["ratio"]), data.get("target_macs_cut"), data.get("reference_macs"),
-                       dict(data.get("overrides") or {}), [str(n) for n in data.get("left_dense") or []])
+                       dict(data.get("overrides") or {}), [str(n) for n in data.get("left_dense") or []],
+                       str(data.get("policy") or "uniform"))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a valid LRPET rank plan: {e!r}") from e
 
@@ -238,7 +234,9 @@ class RankPlan:
         widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
         fmt = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths))  # noqa: E731
         lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
-        cut = f"ratio p={self.ratio:g}; MAC cut {self.reached_macs_cut:.1%}"
+        cut = (f"ratio p={self.ratio:g}" if self.policy == "uniform" else
+               f"energy allocation (uniform ratio for the same cut: p={self.ratio:g})")
+        cut += f"; MAC cut {self.reached_macs_cut:.1%}"
         if self.target_macs_cut is not None:
             cut += f" (target {self.target_macs_cut:.1%})"
         lines.append(cut)
@@ -246,11 +244,6 @@ class RankPlan:
             lines.append(f"left dense and not projected ({len(self.left_dense)}; two thin convs would not cost fewer "
                          f"MACs at their rank): {', '.join(self.left_dense)}")
         return "\n".join(lines)
-
-
-def explicit_names(patterns: Iterable[str]) -> List[str]:
-    """The patterns that are plain names (no fnmatch wildcard): layers a user asked for by name."""
-    return [p for p in patterns if not any(c in p for c in "*?[")]
 
 
 def match_any(name: str, patterns: Iterable[str]) -> bool:
@@ -291,49 +284,53 @@ def _plan_for(specs: Sequence[LayerSpec], ratio: float, overrides: Mapping[str, 
 
 def build_rank_plan(
     layers: Sequence[LayerSpec],
-    ratio: Optional[float] = None,
+    config: Optional[LRPETConfig] = None,
     *,
-    target_macs_cut: Optional[float] = None,
-    overrides: Optional[Mapping[str, float]] = None,
     reference_macs: Optional[int] = None,
-    project_unfactorized: Iterable[str] = (),
+    spectra: Optional[Mapping[str, Sequence[float]]] = None,
 ) -> RankPlan:
-    """Compute the rank of every layer from one ratio, or solve the ratio for a MAC cut.
+    """The rank of every layer: from one ratio, one ratio solved for a MAC cut, or an energy allocation.
+
+    Uses ``config.ratio`` / ``config.target_macs_cut`` / ``config.overrides`` / ``config.rank_policy``:
+
+    - a ratio: ``k = max(1, floor(m (1 - p)))`` for every layer (overrides set their layers' ratios);
+    - ``target_macs_cut`` with ``rank_policy="uniform"``: the smallest ``p`` on a 1e-4 grid whose plan
+      removes that fraction of ``reference_macs`` (the cut is monotone in ``p``), counting factorised
+      MACs only where factorising saves MACs; override layers keep their ratios;
+    - ``target_macs_cut`` with ``rank_policy="energy"``: per-layer ranks that keep the most spectral
+      energy for the MACs removed. For a multiplier ``lam`` each layer takes the rank minimising
+      ``(energy dropped / its energy) + lam * (its MACs / reference MACs)``; ``lam`` is bisected to the
+      smallest value whose plan reaches the cut (a Lagrangian relaxation: every layer's MACs fall
+      as ``lam`` grows). Needs ``spectra`` (the singular values the projection will see, i.e. of
+      the BN-folded weights under BN rectification). Layers without an output size, whose MACs are
+      not counted, get the uniform plan's ratio for the same cut.
+
+    A selected layer whose two thin convs would not cost fewer MACs than the dense conv at its rank
+    is left out of the plan (``plan.left_dense``; not projected, it would only lose rank), unless it
+    is named exactly in ``config.include`` or ``config.overrides``.
 
     Args:
         layers: the selected layers.
-        ratio: the one rank pruning ratio ``p`` in ``[0, 1)``. Exactly one of ``ratio`` and
-            ``target_macs_cut`` must be given.
-        target_macs_cut: wanted fraction in ``(0, 1)`` of ``reference_macs`` to remove. The solver
-            returns the smallest ``p`` on a 1e-4 grid whose plan reaches it (the MAC cut is
-            monotone in ``p``), counting factorised MACs only where factorising saves MACs.
-        overrides: ``{fnmatch pattern: ratio}``; the first matching pattern sets a layer's ratio
-            (these layers keep it while the global ratio is solved). Each pattern must match a layer.
-        reference_macs: MACs the cut is a fraction of; defaults to the MACs of ``layers`` that have
-            an output size. Pass e.g. the whole backbone's conv MACs to include unselected layers.
-        project_unfactorized: names of layers to keep in the plan (so they are projected) even where
-            two thin convs would not cost fewer MACs than the dense conv at their rank. Every other such
-            layer is left out of the plan (listed in ``plan.left_dense``): projecting it would lower its
-            rank and save nothing. Defaults to none (pass the names a user selected explicitly).
+        config: the options. Defaults to ``LRPETConfig()`` (ratio 0.5).
+        reference_macs: MACs the cut is a fraction of. Defaults to the MACs of ``layers`` that have
+            an output size; pass e.g. the whole backbone's conv MACs to include unselected convs.
+        spectra: ``{name: singular values, descending}`` for ``rank_policy="energy"``.
 
     Returns:
         The :class:`RankPlan`; ``plan.reached_macs_cut`` is the cut actually reached.
     """
-    if (ratio is None) == (target_macs_cut is None):
-        raise ValueError("give exactly one of ratio and target_macs_cut")
+    config = config or LRPETConfig()
     specs = list(layers)
     if not specs:
         raise ValueError("no layers to plan: the layer selection is empty")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError("duplicate layer names in the plan input")
-    overrides = dict(overrides or {})
-    for pattern, r in overrides.items():
-        _check_ratio(r, f"override ratio for {pattern!r}")
+    overrides = dict(config.overrides)
+    for pattern in overrides:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ValueError(f"override pattern {pattern!r} matches no selected layer")
-
-    keep = set(project_unfactorized)
+    keep = set(config.explicit_names())
     if reference_macs is None:  # all selected layers, also those left dense below
         reference_macs = sum(conv_macs(s.shape, s.out_hw) for s in specs if s.out_hw is not None) or None
 
@@ -343,34 +340,96 @@ def build_rank_plan(
         if not kept:
             raise ValueError(f"no selected layer would be factorised at ratio p={p:g}: two thin convs cost at least "
                              "as many MACs as each dense conv at its rank. Use a larger ratio or another selection.")
-        return RankPlan(kept, p, target, reference_macs, overrides, dense)
+        return RankPlan(kept, p, target, reference_macs, overrides, dense, config.rank_policy)
 
-    if ratio is not None:
-        ratio = _check_ratio(ratio)
+    target = config.target_macs_cut
+    if target is None:
+        ratio = config.effective_ratio
         return final(_plan_for(specs, ratio, overrides), ratio, None)
-
-    if isinstance(target_macs_cut, bool) or not isinstance(target_macs_cut, (int, float)) or not 0 < target_macs_cut < 1:
-        raise ValueError(f"target_macs_cut must lie in (0, 1), got {target_macs_cut!r}")
     if not any(s.out_hw is not None for s in specs):
         raise ValueError("target_macs_cut needs the layers' output sizes (LayerSpec.out_hw); none is known")
+    p, uniform = _solve_uniform(specs, target, overrides, reference_macs)
+    if config.rank_policy == "energy":
+        return final(_energy_allocation(specs, target, overrides, reference_macs, spectra, uniform), p, target)
+    return final(uniform, p, target)
 
+
+def _solve_uniform(specs, target: float, overrides, reference_macs) -> Tuple[float, Dict[str, LayerPlan]]:
     def cut(i: int) -> Tuple[float, Dict[str, LayerPlan]]:
         plan = RankPlan(_plan_for(specs, i / _RATIO_GRID, overrides), i / _RATIO_GRID, None, reference_macs)
         return plan.reached_macs_cut, plan.layers
 
     lo, hi = 0, _RATIO_GRID - 1
-    best, best_layers = cut(hi)
-    if best < target_macs_cut:
+    best, _ = cut(hi)
+    if best < target:
         raise ValueError(
-            f"target_macs_cut={target_macs_cut:.4f} cannot be reached: the largest ratio p={hi / _RATIO_GRID} "
+            f"target_macs_cut={target:.4f} cannot be reached: the largest ratio p={hi / _RATIO_GRID} "
             f"cuts {best:.4f} of the reference MACs (layers where factorising saves nothing stay dense). "
             "Lower the target, select more layers, or remove overrides.")
     while lo < hi:  # smallest grid ratio whose cut reaches the target
         mid = (lo + hi) // 2
         c, _ = cut(mid)
-        if c >= target_macs_cut:
+        if c >= target:
             hi = mid
         else:
             lo = mid + 1
-    _, plan_layers = cut(lo)
-    return final(plan_layers, lo / _RATIO_GRID, float(target_macs_cut))
+    return lo / _RATIO_GRID, cut(lo)[1]
+
+
+def _energy_allocation(specs, target: float, overrides, reference_macs, spectra, uniform) -> Dict[str, LayerPlan]:
+    """Per-layer ranks of the energy policy (see :func:`build_rank_plan`)."""
+    if not spectra:
+        raise ValueError("rank_policy='energy' needs the layers' singular values (spectra)")
+    free = [s for s in specs if s.out_hw is not None and _ratio_of(s.name, -1.0, overrides) < 0]
+    missing = [s.name for s in free if s.name not in spectra]
+    if missing:
+        raise ValueError(f"rank_policy='energy': no singular values for {missing[:3]}")
+    ref = float(reference_macs)
+    fixed = {s.name: uniform[s.name] for s in specs if s not in free}  # overrides and unsized layers
+    fixed_after = sum(lp.macs_after or 0 for lp in fixed.values())
+    fixed_before = sum(lp.macs_before or 0 for lp in fixed.values())
+    tables = []  # per free layer: energy dropped (fraction) and MACs at ranks 1..m
+    for s in free:
+        sv = [float(v) for v in spectra[s.name]][: s.full_rank]
+        if len(sv) != s.full_rank:
+            raise ValueError(f"rank_policy='energy': layer {s.name!r} has {len(sv)} singular values, expected "
+                             f"{s.full_rank}")
+        sq = [v * v for v in sv]
+        total = sum(sq) or 1.0
+        dropped, tail = [0.0] * (s.full_rank + 1), 0.0
+        for k in range(s.full_rank, 0, -1):  # dropped[k] = energy beyond rank k
+            dropped[k] = tail / total
+            tail += sq[k - 1]
+        macs = [conv_macs(s.shape, s.out_hw) if k == 0 or not factorization_saves(s.shape, k)
+                else factorized_macs(s.shape, k, s.out_hw) for k in range(s.full_rank + 1)]
+        tables.append((s, dropped, macs))
+
+    def choose(lam: float) -> Tuple[float, Dict[str, int]]:
+        ranks, after = {}, fixed_after
+        for s, dropped, macs in tables:
+            k = min(range(1, s.full_rank + 1), key=lambda k: (dropped[k] + lam * macs[k] / ref, -k))
+            ranks[s.name] = k
+            after += macs[k]
+        before = fixed_before + sum(conv_macs(s.shape, s.out_hw) for s, _, _ in tables)
+        return (before - after) / ref, ranks
+
+    lo, hi = 0.0, 1.0
+    while choose(hi)[0] < target:
+        hi *= 4.0
+        if hi > 1e12:
+            raise ValueError(f"target_macs_cut={target:.4f} cannot be reached by the energy allocation")
+    for _ in range(60):  # the smallest multiplier whose plan reaches the cut
+        mid = (lo + hi) / 2
+        if choose(mid)[0] >= target:
+            hi = mid
+        else:
+            lo = mid
+    _, ranks = choose(hi)
+    out = {}
+    for s in specs:
+        if s.name in ranks:
+            k = ranks[s.name]
+            out[s.name] = LayerPlan(s.name, s.shape, k, round(1 - k / s.full_rank, 6), s.out_hw)
+        else:
+            out[s.name] = fixed[s.name]
+    return out

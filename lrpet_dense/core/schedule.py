@@ -4,26 +4,23 @@ The hooks decide *when* in their framework's terms and call :meth:`LRPETProjecto
 this class does the projection, times it, and summarises it as the scalars both hooks log.
 
 Example:
-    >>> proj = LRPETProjector(interval=100)
+    >>> from lrpet_dense.core import LRPETConfig
+    >>> proj = LRPETProjector(LRPETConfig(interval=100))
     >>> proj.should_project(100, is_last=False), proj.should_project(150, is_last=True)
     (True, True)
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from .distributed import project_layers_distributed_
-from .projection import ConvBN, LayerStats, project_layers_
+from .config import LRPETConfig
+from .projection import ConvBN, LayerStats, project_
 from .rank import RankPlan
 
-__all__ = ["LRPETProjector", "ProjectionSummary", "ProjectionError", "ON_ERROR_CHOICES"]
-
-#: What training does when a projection fails: stop with the error, or log it and go on.
-ON_ERROR_CHOICES = ("raise", "skip")
+__all__ = ["LRPETProjector", "ProjectionSummary", "ProjectionError"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,69 +68,49 @@ class LRPETProjector:
     """Schedule and options of LRPET projections during training.
 
     Args:
-        interval: project after every ``interval`` optimizer steps (> 0).
-        begin: no projection before this many steps have been taken. Defaults to 0.
-        energy_transfer: see :func:`~lrpet_dense.core.lrpet_project`. Defaults to True.
-        bn_rectification: project BN-folded weights. Defaults to True.
-        ridge: ``lambda`` (>= 0). Defaults to 1e-5.
-        residual: residual factor ``r`` in [0, 1]. Defaults to 0.
-        on_error: what happens when a projection fails (an error in some layer, e.g. NaN/Inf
-            weights of a diverged run; no layer is changed either way): ``'raise'`` stops training
-            with a :class:`ProjectionError` naming the layer and the step; ``'skip'`` logs the same
-            message and training goes on with the weights as they were (the next scheduled
-            projection tries again). Defaults to ``'raise'``.
+        config: ``interval``, ``begin``, ``on_error`` and the projection options come from it.
+            ``on_error='raise'`` stops training with a :class:`ProjectionError` naming the layer and
+            the step when a projection fails (e.g. NaN/Inf weights of a diverged run); ``'skip'``
+            logs the same message and training goes on with the weights as they were (the next
+            scheduled projection tries again). No layer is changed either way.
     """
 
-    def __init__(self, interval: int, begin: int = 0, *, energy_transfer: bool = True,
-                 bn_rectification: bool = True, ridge: float = 1e-5, residual: float = 0.0,
-                 on_error: str = "raise"):
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
-            raise ValueError(f"interval must be a positive integer (steps between projections), got {interval!r}")
-        if isinstance(begin, bool) or not isinstance(begin, int) or begin < 0:
-            raise ValueError(f"begin must be an integer >= 0, got {begin!r}")
-        if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
-            raise ValueError(f"ridge (lambda) must be a finite number >= 0, got {ridge!r}")
-        if not (isinstance(residual, (int, float)) and 0.0 <= residual <= 1.0):
-            raise ValueError(f"residual must lie in [0, 1], got {residual!r}")
-        if on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES} (stop training, or log and go on), "
-                             f"got {on_error!r}")
-        self.interval, self.begin = interval, begin
-        self.on_error = on_error
+    def __init__(self, config: LRPETConfig):
+        if not isinstance(config, LRPETConfig):
+            raise TypeError(f"LRPETProjector takes an LRPETConfig, got {type(config).__name__}")
+        self.config = config
         self.num_failed = 0  # skipped failures in this process (not checkpointed)
-        self.energy_transfer, self.bn_rectification = bool(energy_transfer), bool(bn_rectification)
-        self.ridge, self.residual = float(ridge), float(residual)
         self.last_iter: Optional[int] = None  # steps taken at the last projection
         self.num_projections = 0
 
+    interval = property(lambda self: self.config.interval)
+    begin = property(lambda self: self.config.begin)
+
     def should_project(self, steps_done: int, is_last: bool) -> bool:
-        """Whether to project now, ``steps_done`` optimizer steps into training."""
+        """Whether to project now, ``steps_done`` optimizer steps into training (every ``interval``
+        steps from ``begin`` on, and after the last step; never twice at one step)."""
         if steps_done < max(self.begin, 1) or steps_done == self.last_iter:
             return False
         return is_last or steps_done % self.interval == 0
 
-    def project_(self, layers: Sequence[ConvBN], plan: RankPlan, steps_done: int, *,
-                 distributed: bool = False) -> ProjectionSummary:
+    def project_(self, layers: Sequence[ConvBN], plan: RankPlan, steps_done: int) -> ProjectionSummary:
         """Project ``layers`` per ``plan`` in place (atomic) and record it.
+
+        In a distributed job every rank must call this (the work is shared and every rank ends with
+        the same weights and stats; :func:`~lrpet_dense.core.project_`).
 
         Args:
             layers: ``(name, conv, bn)`` triples.
             plan: the rank plan.
             steps_done: optimizer steps taken so far.
-            distributed: share the work over the ranks of the default process group and give every
-                rank the same weights and stats
-                (:func:`~lrpet_dense.core.distributed.project_layers_distributed_`; every rank must
-                call this). Defaults to False (this process only).
         """
         t0 = time.perf_counter()
-        project = project_layers_distributed_ if distributed else project_layers_
         try:
-            stats = project(layers, plan, energy_transfer=self.energy_transfer,
-                            bn_rectification=self.bn_rectification, ridge=self.ridge, residual=self.residual)
+            stats = project_(layers, plan, self.config)
         except Exception as e:  # the projection is atomic: no layer was changed
             message = (f"LRPET projection after step {steps_done} failed and changed no layer: "
                        f"{type(e).__name__}: {e}")
-            if self.on_error == "raise":
+            if self.config.on_error == "raise":
                 raise ProjectionError(message + ". Training stops (on_error='raise'); fix the cause (for NaN/Inf "
                                       "weights: a lower learning rate, gradient clipping, or resume from an "
                                       "earlier checkpoint), or set on_error='skip' to train on without this "

@@ -16,14 +16,14 @@ O(1e-2) or more. The default tolerance, 1e-4 of the output's largest magnitude, 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .rank import RankPlan
 
-__all__ = ["rank_excess", "compare_outputs", "float64_copy", "run_float64", "OutputMismatchError"]
+__all__ = ["compare_outputs", "OutputMismatchError"]
 
 
 class OutputMismatchError(ValueError):
@@ -105,7 +105,43 @@ def compare_outputs(reference: Any, candidate: Any, *, rtol: float = 1e-4, what:
     return errors
 
 
-def run_float64(fn: Callable[[nn.Module], Any], model: nn.Module) -> Any:
-    """``fn(float64 copy of model)`` under ``torch.no_grad``."""
+def factorize_checked_(model: nn.Module, plan: RankPlan, outputs: Callable[[nn.Module], Any], *,
+                       project_layers: Optional[Sequence] = None, config=None, rtol: float = 1e-4,
+                       what: str = "the factorised model") -> List[str]:
+    """Factorise a projected dense model in place, but only once the result has been checked.
+
+    1. With ``project_layers`` (``ConvBN`` triples), project them onto their planned rank first (a
+       one-shot truncation, with ``config``'s options).
+    2. Refuse when a planned conv is not of its planned rank (:func:`rank_excess`): factorising it
+       would change the model's outputs.
+    3. Factorise a copy, and compare ``outputs(model)`` (a nested structure of tensors, e.g. logits)
+       of the dense model and of the copy, both in float64 (:func:`compare_outputs`).
+    4. Only then factorise ``model`` itself.
+
+    Returns:
+        The names of the factorised convs.
+
+    Raises:
+        ValueError: step 2 or 3 failed; ``model`` is not factorised (step 1's projection, if asked
+            for, has happened).
+    """
+    from .factorize import factorize_
+    from .projection import project_
+
+    if project_layers is not None:
+        project_(project_layers, plan, config, distributed=False)
+    bad = rank_excess(model, plan)
+    if bad:
+        examples = [(n, r, k) for n, (r, k) in list(bad.items())[:3]]
+        raise ValueError(f"{len(bad)} planned conv(s) are not of their planned rank, e.g. {examples} (name, numerical "
+                         "rank, planned rank): the weights were not projected with this plan (not an LRPET-trained "
+                         "checkpoint, or saved before the final projection). Factorising them would change the "
+                         "model's outputs; to project them first (a one-shot truncation), pass --project "
+                         "(project=True)")
     with torch.no_grad():
-        return fn(float64_copy(model))
+        reference = outputs(float64_copy(model))
+        rehearsal = copy.deepcopy(model)
+        factorize_(rehearsal, plan)
+        compare_outputs(reference, outputs(float64_copy(rehearsal)), rtol=rtol, what=what)
+    del rehearsal
+    return factorize_(model, plan)

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["atomic_save", "load_checkpoint_safe", "check_checkpoint_file", "check_finite_state", "allow_numpy_globals"]
+__all__ = ["atomic_save", "load_checkpoint_safe", "check_checkpoint_file", "check_finite_state", "allow_numpy_globals",
+           "plain_data"]
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -80,8 +81,8 @@ def load_checkpoint_safe(path: str) -> Any:
     except pickle.UnpicklingError as e:
         m = _UNSAFE_GLOBAL.search(str(e))
         what = next((g for g in m.groups() if g), None) if m else None
-        reason = f"it holds an object of {what}" if what else f"{str(e).splitlines()[0]}"
-        raise ValueError(f"cannot load checkpoint {path!r} safely (weights_only=True): {reason}, which is not "
+        reason = f"it needs {what}" if what else f"{str(e).splitlines()[0]}"
+        raise ValueError(f"cannot load checkpoint {path!r} safely (weights_only=True): {reason}, which is neither "
                          "plain data (tensors, numbers, strings, lists, dicts) nor allow-listed; lrpet_dense never "
                          "runs code from a checkpoint. Re-save it without that object") from e
     except Exception as e:  # truncated file, ...
@@ -107,3 +108,19 @@ def allow_numpy_globals() -> None:
         (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
         (multiarray.scalar, "numpy.core.multiarray.scalar"),
     ])
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` reduced to what ``torch.load(weights_only=True)`` reads without any allow-list (for
+    metadata: dicts, lists, numbers, strings, tensors; numpy values become lists/numbers, the rest str)."""
+    if isinstance(value, dict):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if hasattr(value, "tolist"):  # numpy scalars/arrays
+        return value.tolist()
+    return str(value)

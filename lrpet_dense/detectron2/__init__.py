@@ -1,27 +1,29 @@
 """LRPET for detectron2: config keys, conv/BN pairing, the training hook and compressed checkpoints.
 
-Importing this package registers ``LRPETGeneralizedRCNN`` in detectron2's ``META_ARCH_REGISTRY``.
+The same parts, under the same names, as :mod:`lrpet_dense.mmseg`:
 
-- :func:`add_lrpet_config` adds the ``cfg.LRPET`` subtree;
-- :func:`pair_convs` turns a model into the core's ``(name, conv, bn)`` triples (``conv.norm``);
-- :class:`LRPETHook` projects during training (place it with :func:`insert_before_checkpointer`);
-- :class:`RNGStateHook` checkpoints the RNG states, so that ``--resume`` replays a run exactly;
-- :func:`compress_model_` / :func:`save_compressed` write a compressed checkpoint, which
-  ``LRPETGeneralizedRCNN`` (so ``DefaultPredictor`` and ``--eval-only``) loads.
+- ``config``: :func:`add_lrpet_config` adds ``cfg.LRPET``; :func:`lrpet_config` maps it onto
+  :class:`~lrpet_dense.core.LRPETConfig` (each key is the field of the same name);
+- ``pairing``: :func:`pair_convs` -> :class:`~lrpet_dense.core.Pairing` (``conv.norm``);
+- ``hook``: :class:`LRPETHook` (place it with :func:`insert_before_checkpointer`), :func:`build_plan`;
+- ``deploy``: :func:`load_model`, :func:`compress_model_`, :func:`save_compressed`,
+  :func:`plan_from_checkpoint`, :func:`count_complexity`, :func:`output_tensors`, the
+  ``LRPETGeneralizedRCNN`` meta architecture (registered on import) and
+  :class:`CompressedAwareCheckpointer`;
+- ``report``: :func:`measure`; ``checkpoint``: :class:`RNGStateHook`, for exact ``--resume``.
 
-See ``tools/train_det.py`` and ``tools/compress_det.py``.
+The command line is ``lrpet-dense train-det | compress det | report det`` (``tools/train_det.py``).
 """
-from .config import add_lrpet_config, register_toy_voc, register_toy_voc_from_env
-from .deploy import (PLAN_STATE_KEY, LRPETGeneralizedRCNN, check_low_rank, compress_model_, compressed_checkpoint,
-                     count_flops_params, enable_compressed_loading_, plan_from_checkpoint, save_compressed)
-from .hook import LRPETHook, build_lrpet_plan, insert_before_checkpointer, pairing_from_cfg
-from .pairing import Pairing, candidate_convs, default_include, pair_convs, unwrap_model
-from .rng import RNGStateHook
+from .checkpoint import RNGStateHook
+from .config import add_lrpet_config, lrpet_config, register_toy_voc, register_toy_voc_from_env
+from .deploy import (CompressedAwareCheckpointer, LRPETGeneralizedRCNN, compress_model_, count_complexity,
+                     load_model, output_tensors, plan_from_checkpoint, save_compressed)
+from .hook import LRPETHook, build_plan, insert_before_checkpointer
+from .pairing import default_include, pair_convs, unwrap_model
 
 __all__ = [
-    "add_lrpet_config", "register_toy_voc", "register_toy_voc_from_env",
-    "Pairing", "pair_convs", "default_include", "candidate_convs", "unwrap_model",
-    "LRPETHook", "build_lrpet_plan", "pairing_from_cfg", "insert_before_checkpointer", "RNGStateHook",
-    "LRPETGeneralizedRCNN", "enable_compressed_loading_", "PLAN_STATE_KEY", "plan_from_checkpoint",
-    "check_low_rank", "compress_model_", "compressed_checkpoint", "save_compressed", "count_flops_params",
+    "add_lrpet_config", "lrpet_config", "pair_convs", "default_include", "unwrap_model", "build_plan", "LRPETHook",
+    "insert_before_checkpointer", "RNGStateHook", "LRPETGeneralizedRCNN", "CompressedAwareCheckpointer", "load_model",
+    "plan_from_checkpoint", "compress_model_", "save_compressed", "count_complexity", "output_tensors",
+    "register_toy_voc", "register_toy_voc_from_env",
 ]

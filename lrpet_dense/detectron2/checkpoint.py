@@ -1,4 +1,4 @@
-"""``RNGStateHook``: checkpoint the random number generators so that ``--resume`` is exact.
+"""What detectron2 checkpoints need beyond LRPET: ``RNGStateHook`` checkpoints the RNGs so ``--resume`` is exact.
 
 detectron2's ``--resume`` restores the model, optimizer, scheduler, iteration and the state of
 every hook with a ``state_dict``, but not the random number generators: the resumed run re-seeds

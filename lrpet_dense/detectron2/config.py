@@ -16,25 +16,29 @@ detectron2 registers ``voc_2007_*`` under ``DETECTRON2_DATASETS``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_lrpet_config", "check_lrpet_config", "overrides_from_cfg", "register_toy_voc",
-           "register_toy_voc_from_env", "TOY_VOC_ENV"]
+from lrpet_dense.core import LRPETConfig
+
+__all__ = ["add_lrpet_config", "lrpet_config", "register_toy_voc", "register_toy_voc_from_env"]
 
 logger = logging.getLogger(__name__)
 
 TOY_VOC_ENV = "LRPET_TOY_VOC"
 
 
+_D = LRPETConfig()  # the defaults, written once in lrpet_dense.core.config
+
+
 def add_lrpet_config(cfg: CN) -> None:
     """Add the ``cfg.LRPET`` subtree (LRPET low-rank training) to a detectron2 config, in place.
 
-    Only adds keys; the LRPET configs also set ``MODEL.META_ARCHITECTURE: "LRPETGeneralizedRCNN"``
-    so that compressed checkpoints load (see :mod:`lrpet_dense.detectron2.deploy`).
+    Each key but ``ENABLED`` is the field of :class:`~lrpet_dense.core.LRPETConfig` of the same name
+    in lower case (:func:`lrpet_config` maps them); the defaults are that class's. Only adds keys;
+    the LRPET configs also set ``MODEL.META_ARCHITECTURE: "LRPETGeneralizedRCNN"``.
 
     Args:
         cfg: a detectron2 config from ``get_cfg()``.
@@ -43,97 +47,75 @@ def add_lrpet_config(cfg: CN) -> None:
     _C.LRPET = CN()
     # Whether to project the selected convs during training (bool). False trains the plain model.
     _C.LRPET.ENABLED = False
-    # One rank pruning ratio p in [0, 1): rank k = max(1, floor(full_rank * (1 - p))). Used when
-    # TARGET_MACS_CUT is 0.
-    _C.LRPET.RATIO = 0.5
+    # One rank pruning ratio p in [0, 1): rank k = max(1, floor(full_rank * (1 - p))). None = 0.5,
+    # unless TARGET_MACS_CUT is set (setting both is an error).
+    _C.LRPET.RATIO = _D.ratio
     # Fraction in (0, 1) of the backbone's conv MACs (model.backbone: ResNet stem..res4 for C4, ResNet
-    # + FPN for FPN) to remove; the core solves one ratio p for it (overrides keep their ratios).
-    # 0 disables the solver and uses RATIO.
-    _C.LRPET.TARGET_MACS_CUT = 0.0
+    # + FPN for FPN) to remove; the core solves the ratio for it. None or 0 = off (use RATIO).
+    _C.LRPET.TARGET_MACS_CUT = _D.target_macs_cut
     # Per-layer ratio overrides as a flat list [pattern, ratio, pattern, ratio, ...] (fnmatch
     # patterns over module names, '*' spans dots; first match wins), e.g. ["backbone.res4.*", 0.6].
     _C.LRPET.OVERRIDES = []
     # fnmatch patterns of convs to project. Empty = every trained conv of "backbone.*" (the ResNet;
     # in FPN models also the FPN's lateral/output convs) and, in C4 models, "roi_heads.res5.*".
     # Convs whose factorised form would not save MACs are not projected unless named here exactly.
-    _C.LRPET.INCLUDE = []
+    _C.LRPET.INCLUDE = list(_D.include)
     # fnmatch patterns of convs never to project (applied after INCLUDE).
-    _C.LRPET.EXCLUDE = []
+    _C.LRPET.EXCLUDE = list(_D.exclude)
     # Whether convs frozen by MODEL.BACKBONE.FREEZE_AT (no gradient) are projected too (bool).
     # Default False: projecting a frozen layer is a one-shot truncation it cannot recover from.
-    _C.LRPET.INCLUDE_FROZEN = False
+    _C.LRPET.INCLUDE_FROZEN = _D.include_frozen
     # Project after every INTERVAL optimizer steps (int > 0), and always after the last step.
-    _C.LRPET.INTERVAL = 500
+    _C.LRPET.INTERVAL = _D.interval
     # No projection before this many steps have been taken (int >= 0).
-    _C.LRPET.BEGIN = 0
+    _C.LRPET.BEGIN = _D.begin
     # Energy transfer: rescale kept singular values to keep the Frobenius norm (bool).
-    _C.LRPET.ENERGY_TRANSFER = True
+    _C.LRPET.ENERGY_TRANSFER = _D.energy_transfer
     # BN rectification: project the BN-folded weight, using running statistics (bool).
-    _C.LRPET.BN_RECTIFICATION = True
+    _C.LRPET.BN_RECTIFICATION = _D.bn_rectification
     # Ridge lambda (>= 0) of the BN-rectified recovery W' = a / (a^2 + lambda) * M'.
-    _C.LRPET.RIDGE = 1e-5
+    _C.LRPET.RIDGE = _D.ridge
     # Residual factor r in [0, 1] for the dropped singular values (0 = the paper's formula).
-    _C.LRPET.RESIDUAL = 0.0
+    _C.LRPET.RESIDUAL = _D.residual
     # When a projection fails (no layer is changed): "raise" stops training, "skip" logs it and trains on.
-    _C.LRPET.ON_ERROR = "raise"
+    _C.LRPET.ON_ERROR = _D.on_error
     # Input (H, W) of the dummy backbone forward that measures conv output sizes for the MAC plan.
     # (0, 0) = (INPUT.MIN_SIZE_TEST, INPUT.MIN_SIZE_TEST).
     _C.LRPET.PLAN_INPUT_SIZE = (0, 0)
+    # "uniform" (one ratio for every layer, the paper's) or "energy" (per-layer ranks keeping the most
+    # spectral energy per MAC removed, for TARGET_MACS_CUT).
+    _C.LRPET.RANK_POLICY = _D.rank_policy
 
 
-def _number(value, key: str, allowed: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"cfg.LRPET.{key} must be {allowed}, got {value!r}; fix it in the config file or with "
-                         f"'LRPET.{key} VALUE' on the command line")
+def _overrides(flat) -> dict:
+    flat = list(flat)
+    if len(flat) % 2:
+        raise ValueError(f"cfg.LRPET.OVERRIDES must be a flat list [pattern, ratio, pattern, ratio, ...], got {flat!r}")
+    for pattern in flat[::2]:
+        if not isinstance(pattern, str):
+            raise ValueError(f"cfg.LRPET.OVERRIDES: pattern must be a string, got {pattern!r}")
+    return dict(zip(flat[::2], flat[1::2]))
 
 
-def check_lrpet_config(cfg: CN) -> None:
-    """Check every ``cfg.LRPET`` key; the error names the key, the bad value and the allowed values.
+def lrpet_config(cfg: CN) -> LRPETConfig:
+    """``cfg.LRPET`` as an :class:`~lrpet_dense.core.LRPETConfig` (validated; errors name the key).
 
-    Called by :meth:`~lrpet_dense.detectron2.LRPETHook.from_config`, i.e. when the trainer is built,
-    before any weight is loaded or changed.
+    ``cfg.LRPET.<KEY>`` is field ``<key>``; ``OVERRIDES`` is a flat ``[pattern, ratio, ...]`` list,
+    ``PLAN_INPUT_SIZE`` ``(0, 0)`` means None. ``ENABLED`` is detectron2's switch, not an option.
 
     Raises:
         ValueError: a key is out of range or of the wrong type.
     """
     c = cfg.LRPET
-    _number(c.RATIO, "RATIO", "a rank pruning ratio in [0, 1)", lambda v: 0 <= v < 1)
-    _number(c.TARGET_MACS_CUT, "TARGET_MACS_CUT", "0 (use RATIO) or a fraction of the backbone MACs in (0, 1)",
-            lambda v: 0 <= v < 1)
-    for key in ("INTERVAL", "BEGIN"):
-        value = c[key]
-        low = 1 if key == "INTERVAL" else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"cfg.LRPET.{key} must be an integer >= {low} "
-                             f"({'steps between projections' if low else 'steps before the first projection'}), "
-                             f"got {value!r}")
-    _number(c.RIDGE, "RIDGE", "a ridge lambda >= 0 (default 1e-5)", lambda v: v >= 0)
-    _number(c.RESIDUAL, "RESIDUAL", "a residual factor in [0, 1] (default 0)", lambda v: 0 <= v <= 1)
-    for key in ("ENABLED", "ENERGY_TRANSFER", "BN_RECTIFICATION", "INCLUDE_FROZEN"):
-        if not isinstance(c[key], bool):
-            raise ValueError(f"cfg.LRPET.{key} must be True or False, got {c[key]!r}")
-    if c.ON_ERROR not in ("raise", "skip"):
-        raise ValueError(f"cfg.LRPET.ON_ERROR must be 'raise' (stop training) or 'skip' (log and train on), "
-                         f"got {c.ON_ERROR!r}")
-    for key in ("INCLUDE", "EXCLUDE"):
-        patterns = c[key]
-        if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
-            raise ValueError(f"cfg.LRPET.{key} must be a list of non-empty fnmatch patterns, got {patterns!r}")
-    for pattern, ratio in overrides_from_cfg(cfg).items():
-        _number(ratio, f"OVERRIDES[{pattern!r}]", "a rank pruning ratio in [0, 1)", lambda v: 0 <= v < 1)
-
-
-def overrides_from_cfg(cfg: CN) -> dict:
-    """``cfg.LRPET.OVERRIDES`` (flat ``[pattern, ratio, ...]`` list) as ``{pattern: ratio}``."""
-    flat = list(cfg.LRPET.OVERRIDES)
-    if len(flat) % 2:
-        raise ValueError(f"LRPET.OVERRIDES must be a flat list [pattern, ratio, pattern, ratio, ...], got {flat!r}")
-    out = {}
-    for pattern, ratio in zip(flat[::2], flat[1::2]):
-        if not isinstance(pattern, str):
-            raise ValueError(f"LRPET.OVERRIDES: pattern must be a string, got {pattern!r}")
-        out[pattern] = float(ratio)
-    return out
+    options = {name: c[name.upper()] for name in LRPETConfig.field_names() if name.upper() in c}
+    options["overrides"] = _overrides(c.OVERRIDES)
+    options["include"], options["exclude"] = list(c.INCLUDE), list(c.EXCLUDE)
+    size = tuple(int(v) for v in c.PLAN_INPUT_SIZE)
+    options["plan_input_size"] = None if size == (0, 0) else size
+    if not isinstance(c.ENABLED, bool):
+        raise ValueError(f"cfg.LRPET.ENABLED must be True or False, got {c.ENABLED!r}")
+    return LRPETConfig.from_kwargs(options, display=lambda name: f"cfg.LRPET.{name.upper()}",
+                                   hint="; fix it in the config file or with 'LRPET.KEY VALUE' on the command line")
 
 
 def register_toy_voc(devkit: str, prefix: str = "voc_toy_2007", class_names: Optional[Sequence[str]] = None) -> None:

@@ -3,7 +3,7 @@
 A compressed checkpoint is a ``.pth`` file loadable with ``torch.load(weights_only=True)``::
 
     {"model": state dict of the factorised model (+ "_lrpet_plan": the plan as UTF-8 JSON bytes, uint8),
-     "lrpet_plan": RankPlan.to_dict() (plain data), "lrpet_factorized": [names of factorised convs]}
+     "lrpet_plan": RankPlan.to_dict() (plain data), "lrpet_factorized": [names of factorised convs], "meta": {...}}
 
 Loading does not depend on the model type: :func:`~lrpet_dense.core.enable_compressed_loading_`
 registers a ``load_state_dict`` pre-hook that reads the plan carried in the state dict and installs
@@ -17,14 +17,14 @@ unexpected keys there.) A plan that does not fit the model, a factorised state d
 or a dense checkpoint loaded into an already factorised model is a ``ValueError`` naming the problem.
 
 :func:`compress_model_` checks what it produces: every planned conv must already be of its planned
-rank, and the factorised model's pre-NMS outputs (:func:`prediction_tensors`: backbone features, RPN
+rank, and the factorised model's pre-NMS outputs (:func:`output_tensors`: backbone features, RPN
 logits and box deltas, box-head scores and deltas for fixed proposals) must equal the dense model's
 in float64 (:func:`~lrpet_dense.core.compare_outputs`); otherwise nothing is changed.
 """
 from __future__ import annotations
 
-import copy
 import logging
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -33,18 +33,18 @@ from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
-from lrpet_dense.core import (FactorizedConv2d, RankPlan, check_trainable_, compare_outputs, compressed_state_dict,
-                              enable_compressed_loading_, factorize_, float64_copy, model_plan, project_layers_,
-                              rank_excess)
-from lrpet_dense.core.factorize import PLAN_STATE_KEY, plan_from_tensor
-from lrpet_dense.io import atomic_save
+from lrpet_dense.core import FactorizedConv2d, LRPETConfig, RankPlan, enable_compressed_loading_
+from lrpet_dense.core.factorize import (PLAN_STATE_KEY, check_trainable_, compressed_state_dict, model_plan,
+                                        plan_from_tensor)
+from lrpet_dense.core.selection import eval_mode
+from lrpet_dense.core.verify import factorize_checked_
+from lrpet_dense.io import atomic_save, check_finite_state, load_checkpoint_safe, plain_data
 
 from .pairing import pair_convs, unwrap_model
 
 __all__ = [
-    "LRPETGeneralizedRCNN", "enable_compressed_loading_", "PLAN_STATE_KEY", "plan_from_checkpoint",
-    "check_low_rank", "compress_model_", "compressed_checkpoint", "save_compressed", "count_flops_params",
-    "prediction_tensors", "load_model", "CompressedAwareCheckpointer", "compressed_plan_of",
+    "LRPETGeneralizedRCNN", "CompressedAwareCheckpointer", "load_model", "plan_from_checkpoint", "compressed_plan_of",
+    "compress_model_", "save_compressed", "count_complexity", "output_tensors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,15 +85,6 @@ def plan_from_checkpoint(checkpoint: Dict[str, Any]) -> Optional[RankPlan]:
     return None
 
 
-def check_low_rank(model: nn.Module, plan: RankPlan, rtol: float = 1e-4) -> List[Tuple[str, int, int]]:
-    """Planned convs whose weight has numerical rank above the plan's (singular values above ``rtol * s_1``).
-
-    Returns:
-        ``(name, numerical rank, planned rank)`` for each offending layer (empty when all are low-rank).
-    """
-    return [(n, r, k) for n, (r, k) in rank_excess(unwrap_model(model), plan, rtol).items()]
-
-
 def _fixed_boxes(h: int, w: int, dtype: torch.dtype, device) -> torch.Tensor:
     """A fixed set of proposals spread over an ``h x w`` image: 3 scales x 3 x 3 positions."""
     boxes = []
@@ -106,7 +97,7 @@ def _fixed_boxes(h: int, w: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.tensor(boxes, dtype=dtype, device=device)
 
 
-def prediction_tensors(model: nn.Module, image: torch.Tensor) -> Dict[str, Any]:
+def output_tensors(model: nn.Module, image: torch.Tensor) -> Dict[str, Any]:
     """The detector's tensors before any discrete step (NMS, top-k, thresholds), for one image.
 
     Backbone features; RPN objectness logits and anchor deltas; box-head class scores and box deltas
@@ -141,94 +132,66 @@ def prediction_tensors(model: nn.Module, image: torch.Tensor) -> Dict[str, Any]:
     return out
 
 
-def _check_image(hw: Tuple[int, int]) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(3, *hw, generator=g, dtype=torch.float64) * 255
-
-
-def compress_model_(model: nn.Module, plan: RankPlan, *, project: bool = False, projection_options=None,
+def compress_model_(model: nn.Module, plan: RankPlan, *, project: bool = False, config: Optional[LRPETConfig] = None,
                     check_hw: Tuple[int, int] = (160, 160), rtol: float = 1e-4) -> List[str]:
-    """Factorise the planned convs of a trained, projected dense model in place, checking the result.
+    """Factorise the planned convs of a trained, projected detector in place, once checked.
 
-    Args:
-        model: the dense detector.
-        plan: the rank plan (normally the one the LRPET hook saved in the checkpoint).
-        project: project the planned convs onto their rank first (a one-shot truncation, for weights
-            not trained with LRPET). Defaults to False: such weights are refused.
-        projection_options: keyword options of :func:`~lrpet_dense.core.project_layers_` when
-            ``project`` (energy transfer, BN rectification, ...). Defaults to the method's defaults.
-        check_hw: image size of the float64 output check. Defaults to 160x160.
-        rtol: tolerance of the output check (see :mod:`lrpet_dense.core.verify`). Defaults to 1e-4.
-
-    Returns:
-        The names of the factorised convs.
-
-    Raises:
-        ValueError: some planned conv is not low-rank and ``project`` is False; or the factorised
-            model's outputs differ from the dense model's. The model is unchanged then.
+    The steps, errors and the meaning of ``project`` (one-shot truncation first, with ``config``'s
+    projection options; default: refuse weights that are not low-rank), ``config`` and ``rtol`` are
+    :func:`lrpet_dense.core.verify.factorize_checked_`'s; the outputs compared in float64 are the
+    pre-NMS tensors of :func:`output_tensors` on one random ``check_hw`` image (default 160x160).
+    Returns the names of the factorised convs.
     """
     model = unwrap_model(model)
-    if project:
-        layers = pair_convs(model, include=list(plan.layers), include_frozen=True).layers
-        project_layers_(layers, plan, **(projection_options or {}))
-    bad = check_low_rank(model, plan)
-    if bad:
-        raise ValueError(f"{len(bad)} planned conv(s) are not of their planned rank, e.g. {bad[:3]} "
-                         "(name, numerical rank, planned rank): the weights were not projected with this plan "
-                         "(not an LRPET-trained checkpoint, or saved before the final projection). Factorising "
-                         "them would change the model's outputs; to project them first (a one-shot truncation), "
-                         "pass --project (project=True)")
-    image = _check_image(check_hw)
-    reference = prediction_tensors(float64_copy(model), image)
-    rehearsal = copy.deepcopy(model)  # the real model changes only once the result has been checked
-    factorize_(rehearsal, plan)
-    compare_outputs(reference, prediction_tensors(float64_copy(rehearsal), image), rtol=rtol,
-                    what="the factorised detector")
-    del rehearsal
-    return factorize_(model, plan)
+    layers = pair_convs(model, LRPETConfig(include=tuple(plan.layers), include_frozen=True)).layers if project else None
+    image = torch.rand(3, *check_hw, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 255
+    return factorize_checked_(model, plan, lambda m: output_tensors(m, image), project_layers=layers, config=config,
+                              rtol=rtol, what="the factorised detector")
 
 
-def compressed_checkpoint(model: nn.Module, plan: Optional[RankPlan] = None) -> Dict[str, Any]:
-    """The compressed checkpoint dict of a factorised ``model`` (plain data and tensors only)."""
+def save_compressed(model: nn.Module, path: str, meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Write a factorised ``model`` as a compressed checkpoint, atomically (plain data and tensors only).
+
+    ``{"model": state dict (+ "_lrpet_plan"), "lrpet_plan": the plan, "lrpet_factorized": [names],
+    "meta": meta}``.
+
+    Returns:
+        The saved checkpoint dict.
+    """
     model = unwrap_model(model)
-    plan = plan or model_plan(model)
+    plan = model_plan(model)
+    if plan is None:
+        raise ValueError("the model is not factorised: call compress_model_ first")
     factorized = sorted(n for n, m in model.named_modules() if isinstance(m, FactorizedConv2d))
-    return {"model": compressed_state_dict(model), "lrpet_plan": plan.to_dict(), "lrpet_factorized": factorized}
-
-
-def save_compressed(model: nn.Module, plan: Optional[RankPlan], path: str) -> None:
-    """Write :func:`compressed_checkpoint` to ``path`` atomically."""
-    atomic_save(compressed_checkpoint(model, plan), path)
+    ckpt = {"model": compressed_state_dict(model), "lrpet_plan": plan.to_dict(), "lrpet_factorized": factorized,
+            "meta": plain_data(dict(meta or {}))}
+    atomic_save(ckpt, path)
     logger.info("wrote compressed checkpoint %s", path)
+    return ckpt
 
 
-def count_flops_params(model: nn.Module, image_hw: Tuple[int, int]) -> Dict[str, Dict[str, int]]:
-    """MACs and parameters of the whole model and its backbone, by detectron2's ``FlopCountAnalysis``.
+def count_complexity(model: nn.Module, image_hw: Tuple[int, int]) -> Dict[str, Dict[str, int]]:
+    """Params and MACs of the backbone and the whole model, by detectron2's ``FlopCountAnalysis``.
 
     Counts one inference of a ``3 x H x W`` image, as detectron2's ``tools/analyze_model.py`` does
     (fvcore counts one "flop" per multiply-accumulate).
 
     Returns:
-        ``{"flops": {"model": ..., "backbone": ...}, "params": {"model": ..., "backbone": ...}}``.
+        ``{"backbone": {"params", "macs"}, "model": {"params", "macs"}}``.
     """
     from detectron2.utils.analysis import FlopCountAnalysis
     from fvcore.nn import parameter_count
 
     model = unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    try:
-        h, w = image_hw
-        g = torch.Generator().manual_seed(0)
-        image = (torch.rand(3, h, w, generator=g) * 255).to(model.device)
+    h, w = image_hw
+    image = (torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)) * 255).to(model.device)
+    with eval_mode(model):
         flops = FlopCountAnalysis(model, [{"image": image, "height": h, "width": w}])
         flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         by_module = flops.by_module()  # keys are prefixed by the TracingAdapter's "model."
-        params = parameter_count(model)
-        return {"flops": {"model": int(flops.total()), "backbone": int(by_module["model.backbone"])},
-                "params": {"model": int(params[""]), "backbone": int(params.get("backbone", 0))}}
-    finally:
-        model.train(was_training)
+    params = parameter_count(model)
+    return {"backbone": {"params": int(params.get("backbone", 0)), "macs": int(by_module["model.backbone"])},
+            "model": {"params": int(params[""]), "macs": int(flops.total())}}
 
 
 def load_model(cfg, path: str, *, dense_only: bool = False) -> nn.Module:
@@ -247,8 +210,6 @@ def load_model(cfg, path: str, *, dense_only: bool = False) -> nn.Module:
         ``(model, checkpoint)``: the model in eval mode and the whole checkpoint dict.
     """
     from detectron2.modeling import build_model
-
-    from lrpet_dense.io import check_finite_state, load_checkpoint_safe
 
     ckpt = load_checkpoint_safe(path)
     state = ckpt.get("model", ckpt)
@@ -297,12 +258,8 @@ class CompressedAwareCheckpointer(DetectionCheckpointer):
 
 def compressed_plan_of(weights: str) -> Optional[RankPlan]:
     """The plan of a local compressed checkpoint file (``MODEL.WEIGHTS``), or None for anything else."""
-    import os
-
     if not weights or "://" in weights or not weights.endswith((".pth", ".pt")) or not os.path.isfile(weights):
         return None
-    from lrpet_dense.io import load_checkpoint_safe
-
     ckpt = load_checkpoint_safe(weights)
     state = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else None
     if ckpt.get("lrpet_factorized") is None and not (state is not None and PLAN_STATE_KEY in state):

@@ -23,68 +23,46 @@ from torch import nn
 
 from detectron2.config import CfgNode
 from detectron2.engine import HookBase, hooks
-from detectron2.utils import comm
 
-from lrpet_dense.core import (ConvBN, LRPETProjector, RankPlan, build_rank_plan, conv_macs, explicit_names,
-                              layer_specs, record_output_sizes)
+from lrpet_dense.core import ConvBN, LRPETConfig, LRPETProjector, RankPlan
+from lrpet_dense.core.selection import conv_names, output_sizes, plan_layers
 
-from .config import check_lrpet_config, overrides_from_cfg
-from .pairing import Pairing, candidate_convs, pair_convs, unwrap_model
+from .config import lrpet_config
+from .pairing import pair_convs, unwrap_model
 
-__all__ = ["LRPETHook", "build_lrpet_plan", "pairing_from_cfg", "insert_before_checkpointer"]
+__all__ = ["LRPETHook", "build_plan", "insert_before_checkpointer"]
 
 logger = logging.getLogger(__name__)
 
 
-def pairing_from_cfg(cfg: CfgNode, model: nn.Module) -> Pairing:
-    """:func:`~lrpet_dense.detectron2.pairing.pair_convs` with ``cfg.LRPET``'s selection keys."""
-    return pair_convs(model, include=list(cfg.LRPET.INCLUDE), exclude=list(cfg.LRPET.EXCLUDE),
-                      include_frozen=bool(cfg.LRPET.INCLUDE_FROZEN))
+def default_plan_hw(cfg: CfgNode) -> Tuple[int, int]:
+    """The planning input of a detectron2 config: ``INPUT.MIN_SIZE_TEST`` square."""
+    return int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MIN_SIZE_TEST)
 
 
-def _plan_input_hw(cfg: CfgNode, size_divisibility: int) -> Tuple[int, int]:
-    h, w = (int(s) for s in cfg.LRPET.PLAN_INPUT_SIZE)
-    if h <= 0 or w <= 0:
-        h = w = int(cfg.INPUT.MIN_SIZE_TEST)
-    if size_divisibility > 1:  # the ImageList the backbone sees is padded to this
-        h, w = (-(-s // size_divisibility) * size_divisibility for s in (h, w))
-    return h, w
+def build_plan(model: nn.Module, layers: Sequence[ConvBN], config: LRPETConfig,
+               default_hw: Tuple[int, int] = (800, 800)) -> RankPlan:
+    """The rank plan of ``layers`` (ratio, a MAC cut solved by the core, or the energy allocation).
 
-
-def build_lrpet_plan(cfg: CfgNode, model: nn.Module, layers: Sequence[ConvBN]) -> RankPlan:
-    """The rank plan of ``layers`` from ``cfg.LRPET`` (ratio, or a MAC cut solved by the core).
-
-    Output sizes come from a dummy forward of ``model.backbone`` at ``LRPET.PLAN_INPUT_SIZE`` (BN
-    statistics untouched). The MAC cut is a fraction of the backbone's conv MACs (``model.backbone``:
-    the ResNet stem..res4 in C4 models; ResNet and FPN convs in FPN models; frozen and unselected
-    convs included), so "cut 50% of the backbone" means what it says, and it is what detectron2's
-    ``FlopCountAnalysis`` reports as the backbone. Selected convs outside it (``roi_heads.res5`` in C4
-    models) get the ratio but no output size, and do not count towards the cut. Selected convs whose
-    factorised form would not save MACs are left out of the plan (not projected), unless named
-    explicitly (without wildcards) in ``LRPET.INCLUDE`` or ``LRPET.OVERRIDES``.
+    Output sizes come from a dummy forward of ``model.backbone`` at ``config.plan_input_size``
+    (default: ``default_hw``, padded to the backbone's size divisibility; BN statistics untouched).
+    The MAC cut is a fraction of the backbone's conv MACs (``model.backbone``: the ResNet stem..res4
+    in C4 models; ResNet and FPN convs in FPN models; frozen and unselected convs included), so "cut
+    50% of the backbone" means what it says, and it is what detectron2's ``FlopCountAnalysis``
+    reports as the backbone. Selected convs outside it (``roi_heads.res5`` in C4 models) get the
+    ratio but no output size, and do not count towards the cut. Selected convs whose factorised form
+    would not save MACs are left out of the plan (not projected), unless named exactly.
     """
     model = unwrap_model(model)
     backbone = model.backbone
-    all_convs = [n for n, _ in candidate_convs(model) if n.startswith("backbone.")]
-    size_div = int(getattr(backbone, "size_divisibility", 0) or 0)
-    h, w = _plan_input_hw(cfg, size_div)
+    h, w = config.plan_input_size or default_hw
+    div = int(getattr(backbone, "size_divisibility", 0) or 0)
+    if div > 1:  # the ImageList the backbone sees is padded to this
+        h, w = (-(-s // div) * div for s in (h, w))
+    names = conv_names(model, "backbone.")
     device = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()  # no running-statistics update from the dummy input
-    try:
-        sizes = record_output_sizes(model, all_convs, lambda: backbone(torch.zeros(1, 3, h, w, device=device)))
-    finally:
-        backbone.train(was_training)
-    reference = sum(conv_macs(tuple(model.get_submodule(n).weight.shape), sizes[n]) for n in all_convs if n in sizes)
-    specs = layer_specs(layers, sizes)
-    overrides = overrides_from_cfg(cfg)
-    named = explicit_names(list(cfg.LRPET.INCLUDE) + list(overrides))
-    cut = float(cfg.LRPET.TARGET_MACS_CUT)
-    if cut > 0:
-        return build_rank_plan(specs, target_macs_cut=cut, overrides=overrides, reference_macs=reference,
-                               project_unfactorized=named)
-    return build_rank_plan(specs, float(cfg.LRPET.RATIO), overrides=overrides, reference_macs=reference,
-                           project_unfactorized=named)
+    sizes = output_sizes(model, names, lambda: backbone(torch.zeros(1, 3, h, w, device=device)))
+    return plan_layers(model, layers, config, sizes, names)
 
 
 def insert_before_checkpointer(hook_list: List[Optional[HookBase]], hook: HookBase) -> List[Optional[HookBase]]:
@@ -111,14 +89,14 @@ class LRPETHook(HookBase):
 
     Args:
         model: the trained model (DDP-wrapped or not); it is unwrapped.
-        layers: ``(name, conv, bn)`` triples to project (from :func:`pairing_from_cfg`).
+        layers: ``(name, conv, bn)`` triples to project (from :func:`~lrpet_dense.detectron2.pair_convs`).
         plan: the rank plan of ``layers``.
-        projector: the schedule and projection options.
+        config: the schedule and projection options.
 
     Use :meth:`from_config` to build all of it from ``cfg.LRPET``.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[ConvBN], plan: RankPlan, projector: LRPETProjector):
+    def __init__(self, model: nn.Module, layers: Sequence[ConvBN], plan: RankPlan, config: LRPETConfig):
         self._model = unwrap_model(model)
         self._layers = list(layers)
         names = {l.name for l in self._layers}
@@ -126,30 +104,25 @@ class LRPETHook(HookBase):
         if missing:
             raise ValueError(f"the rank plan names {len(missing)} layer(s) that are not selected: {missing[:5]}")
         self.plan = plan
-        self.projector = projector
+        self.config = config
+        self.projector = LRPETProjector(config)
         self._logged_plan = False
 
     @classmethod
     def from_config(cls, cfg: CfgNode, model: nn.Module) -> "LRPETHook":
-        """Select and pair the convs, build the plan and the projector from ``cfg.LRPET``.
-
-        Every key is checked first (:func:`~lrpet_dense.detectron2.config.check_lrpet_config`).
-        """
-        check_lrpet_config(cfg)
-        c = cfg.LRPET
-        pairing = pairing_from_cfg(cfg, model)
-        pairing.log()
-        plan = build_lrpet_plan(cfg, model, pairing.layers)
-        projector = LRPETProjector(int(c.INTERVAL), int(c.BEGIN), energy_transfer=bool(c.ENERGY_TRANSFER),
-                                   bn_rectification=bool(c.BN_RECTIFICATION), ridge=float(c.RIDGE),
-                                   residual=float(c.RESIDUAL), on_error=str(c.ON_ERROR))
-        return cls(model, pairing.layers, plan, projector)
+        """Select and pair the convs, build the plan from ``cfg.LRPET`` (every key is checked first,
+        :func:`~lrpet_dense.detectron2.lrpet_config`, before any weight is touched)."""
+        config = lrpet_config(cfg)
+        pairing = pair_convs(model, config)
+        pairing.log(logger)
+        plan = build_plan(model, pairing.layers, config, default_plan_hw(cfg))
+        return cls(model, pairing.layers, plan, config)
 
     def before_train(self):
         if not self._logged_plan:
             logger.info("LRPET rank plan (%d layers; projection every %d steps from step %d and after the last "
-                        "step; ET=%s, BNR=%s):\n%s", len(self.plan), self.projector.interval, self.projector.begin,
-                        self.projector.energy_transfer, self.projector.bn_rectification, self.plan.format_table())
+                        "step; ET=%s, BNR=%s):\n%s", len(self.plan), self.config.interval, self.config.begin,
+                        self.config.energy_transfer, self.config.bn_rectification, self.plan.format_table())
             self._logged_plan = True
 
     def after_step(self):
@@ -159,7 +132,7 @@ class LRPETHook(HookBase):
             return
         # With several workers the layers are shared out, each projected once (with rank 0's BN
         # statistics) and broadcast, so every worker ends with bit-identical weights and stats.
-        summary = self.projector.project_(self._layers, self.plan, steps_done, distributed=comm.get_world_size() > 1)
+        summary = self.projector.project_(self._layers, self.plan, steps_done)
         self.trainer.storage.put_scalars(**summary.scalars("lrpet/"), smoothing_hint=False)
 
     def state_dict(self) -> dict:

@@ -3,18 +3,17 @@
 Everything is measured with detectron2's own machinery: models are built by ``build_model`` and
 load strictly (:func:`~lrpet_dense.detectron2.deploy.load_model`; the compressed one into its
 factorised structure, whatever the meta architecture), params and MACs by
-``FlopCountAnalysis`` (:func:`~lrpet_dense.detectron2.count_flops_params`), accuracy by
+``FlopCountAnalysis`` (:func:`~lrpet_dense.detectron2.count_complexity`), accuracy by
 ``inference_on_dataset`` with ``PascalVOCDetectionEvaluator`` (AP50) or ``COCOEvaluator`` (AP).
-:func:`measure_detectron2` returns the plain dict that :func:`lrpet_dense.report.write_report` writes.
+:func:`measure` returns the plain dict that :func:`lrpet_dense.report.write_report` writes.
 
 Example:
-    >>> data = measure_detectron2(cfg, "output/model_final.pth", "output/model_compressed.pth")  # doctest: +SKIP
+    >>> data = measure(cfg, "output/model_final.pth", "output/model_compressed.pth")  # doctest: +SKIP
     >>> write_report(data, "output/report")  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -28,12 +27,12 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.env import seed_all_rng
 
-from lrpet_dense.report import (check_same_plan, factorized_layer_names, history_section, initial_weights_match,
-                                latency_section, measure_latency, spectra_section)
+from lrpet_dense.report import RunMeasurer, initial_weights_match, measure_run
 
-from .deploy import count_flops_params, load_model, plan_from_checkpoint
+from .deploy import count_complexity, load_model, plan_from_checkpoint
+from .hook import default_plan_hw
 
-__all__ = ["evaluate_detector", "chance_detector", "measure_detectron2"]
+__all__ = ["evaluate_detector", "chance_detector", "measure"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,126 +102,75 @@ def chance_detector(cfg: CfgNode, dataset_name: Optional[str] = None, seed: int 
     return float(res["bbox"][metric]), f"{n} uniformly random boxes/image, random class and score"
 
 
-def _complexity(model: nn.Module, hw: Tuple[int, int]) -> Dict[str, Dict[str, int]]:
-    c = count_flops_params(model, hw)
-    return {part: {"params": c["params"][part], "macs": c["flops"][part]} for part in ("backbone", "model")}
+class _Detectron2Run(RunMeasurer):
+    framework = "detectron2"
+    counter = "detectron2 `FlopCountAnalysis` (fvcore; one multiply-accumulate counted as one flop)"
 
+    load_model = staticmethod(load_model)
+    plan_from_checkpoint = staticmethod(plan_from_checkpoint)
 
-def _latency(model: nn.Module, hw: Tuple[int, int], repeats: int, warmup: int, threads: Optional[int]) -> Dict[str, Any]:
-    g = torch.Generator().manual_seed(0)
-    image = (torch.rand(3, *hw, generator=g) * 255).to(model.device)
-    inputs = [{"image": image, "height": hw[0], "width": hw[1]}]
-    was_training = model.training
-    model.eval()
-    try:
+    def __init__(self, cfg: CfgNode):
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS, cfg.MODEL.DEVICE = "", "cpu"
+        cfg.freeze()
+        super().__init__(cfg)
+
+    def title(self):
+        cfg = self.cfg
+        kind = "C4" if cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads" else "FPN"
+        return f"Faster R-CNN R{cfg.MODEL.RESNETS.DEPTH}-{kind} (detectron2)"
+
+    def input_hw(self, model):
+        return default_plan_hw(self.cfg)
+
+    def complexity(self, model, hw):
+        return count_complexity(model, hw)
+
+    def forwards(self, model, hw):
+        image = torch.rand(3, *hw, generator=torch.Generator().manual_seed(0)) * 255
+        inputs = [{"image": image.to(model.device), "height": hw[0], "width": hw[1]}]
         with torch.no_grad():
             tensor = model.preprocess_image(inputs).tensor
-        return {"model": measure_latency(lambda: model(inputs), repeats, warmup, threads),
-                "backbone": measure_latency(lambda: model.backbone(tensor), repeats, warmup, threads)}
-    finally:
-        model.train(was_training)
+        return {"model": lambda: model(inputs), "backbone": lambda: model.backbone(tensor)}
+
+    def evaluate(self, dense, fact):
+        ds = self.cfg.DATASETS.TEST[0]
+        ap_d, metric, desc = evaluate_detector(self.cfg, dense, ds)
+        ap_f, _, _ = evaluate_detector(self.cfg, fact, ds)
+        chance, how = chance_detector(self.cfg, ds)
+        return {"metric": metric, "dataset": ds, "evaluator": desc, "dense": ap_d, "factorized": ap_f,
+                "chance": chance, "chance_method": how}
+
+    def initial_model(self, initial, dense, notes):
+        cfg = self.cfg
+        if initial:
+            return load_model(cfg, initial, dense_only=True)[0], f"checkpoint `{initial}`", None
+        # detectron2's default_setup seeds with cfg.SEED and the trainer builds the model right after.
+        seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
+        model = build_model(cfg)
+        frozen = [n + ".weight" for n, m in dense.named_modules() if isinstance(m, nn.Conv2d) and not m.weight.requires_grad]
+        same = initial_weights_match(model.state_dict(), dense.state_dict(), frozen)
+        if same is not None:
+            notes.append(f"initial weights for the spectra: rebuilt with SEED={cfg.SEED}; they "
+                         + ("equal" if same else "do NOT equal")
+                         + f" the trained checkpoint on its {len(frozen)} frozen convs (which training never changes)")
+        return model, f"the model rebuilt from the config with SEED={cfg.SEED} (the trainer's initialisation)", same
 
 
-def _initial_model(cfg: CfgNode, initial: Optional[str]) -> Tuple[nn.Module, str]:
-    if initial:
-        return load_model(cfg, initial, dense_only=True)[0], f"checkpoint `{initial}`"
-    # detectron2's default_setup seeds with cfg.SEED and the trainer builds the model right after.
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
-    model = build_model(cfg)
-    return model, f"the model rebuilt from the config with SEED={cfg.SEED} (the trainer's initialisation)"
-
-
-def measure_detectron2(
-    cfg: CfgNode,
-    checkpoint: str,
-    compressed: str,
-    *,
-    run_dir: Optional[str] = None,
-    initial: Optional[str] = None,
-    input_hw: Optional[Tuple[int, int]] = None,
-    evaluate: bool = True,
-    latency_repeats: int = 10,
-    latency_warmup: int = 2,
-    threads: Optional[int] = None,
-    num_spectra: int = 4,
-    title: Optional[str] = None,
-) -> Dict[str, Any]:
+def measure(cfg: CfgNode, checkpoint: str, compressed: str, **options: Any) -> Dict[str, Any]:
     """Measure the projected dense ``checkpoint`` and the factorised ``compressed`` checkpoint.
 
     Args:
         cfg: the training config (with ``cfg.LRPET``; ``MODEL.WEIGHTS`` is ignored).
         checkpoint: the trained, projected dense checkpoint (e.g. ``model_final.pth``).
         compressed: its compressed checkpoint from ``tools/compress_det.py``.
-        run_dir: training output folder holding ``metrics.json``. Defaults to the checkpoint's folder.
-        initial: a checkpoint of the weights before training, for the spectra. Defaults to None:
-            the model rebuilt from the config with ``cfg.SEED``.
-        input_hw: input size for MACs and latency. Defaults to ``INPUT.MIN_SIZE_TEST`` square.
-        evaluate: run the evaluator on ``cfg.DATASETS.TEST[0]``. Defaults to True.
-        latency_repeats: timed runs per latency (median reported). Defaults to 10.
-        latency_warmup: untimed runs first. Defaults to 2.
-        threads: torch CPU threads for the latency. Defaults to None (torch's current setting).
-        num_spectra: layers shown in the spectra figure. Defaults to 4.
-        title: report title. Defaults to e.g. ``"Faster R-CNN R50-C4 (detectron2)"``.
+        **options: of :func:`lrpet_dense.report.measure_run` (``run_dir``: the training output folder
+            holding ``metrics.json``; ``initial``: a checkpoint of the weights before training, else
+            the model rebuilt from the config with ``cfg.SEED``; ``input_hw``: default
+            ``INPUT.MIN_SIZE_TEST`` square; ``evaluate``: on ``cfg.DATASETS.TEST[0]``; latency options).
 
     Returns:
         The report data (see :func:`lrpet_dense.report.write_report`).
-
-    Raises:
-        ValueError: a checkpoint carries no LRPET plan, or the two plans differ.
     """
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    hw = tuple(int(s) for s in input_hw) if input_hw else (int(cfg.INPUT.MIN_SIZE_TEST),) * 2
-    run_dir = run_dir or os.path.dirname(os.path.abspath(checkpoint))
-
-    dense, ckpt = load_model(cfg, checkpoint, dense_only=True)
-    fact, cckpt = load_model(cfg, compressed)
-    plan, cplan = plan_from_checkpoint(ckpt), plan_from_checkpoint(cckpt)
-    check_same_plan(plan, cplan, checkpoint, compressed)
-    factorized = factorized_layer_names(fact, compressed)
-    dense.eval()
-    fact.eval()
-
-    data: Dict[str, Any] = {
-        "framework": "detectron2",
-        "title": title or (f"Faster R-CNN R{cfg.MODEL.RESNETS.DEPTH}-"
-                           f"{'C4' if cfg.MODEL.ROI_HEADS.NAME == 'Res5ROIHeads' else 'FPN'} (detectron2)"),
-        "config": getattr(cfg, "_lrpet_config_file", None),
-        "checkpoint": checkpoint, "compressed_checkpoint": compressed, "run_dir": run_dir,
-        "input_size": list(hw),
-        "counter": "detectron2 `FlopCountAnalysis` (fvcore; one multiply-accumulate counted as one flop)",
-        "plan": plan.to_dict(),
-        "factorized_layers": factorized,
-        "complexity": {"dense": _complexity(dense, hw), "factorized": _complexity(fact, hw)},
-        "notes": [],
-    }
-    logger.info("report: measuring CPU latency (%d runs each)", latency_repeats)
-    data["latency"] = latency_section(lambda m: _latency(m, hw, latency_repeats, latency_warmup, threads),
-                                      dense, fact, latency_repeats, latency_warmup)
-
-    if evaluate:
-        ds = cfg.DATASETS.TEST[0]
-        logger.info("report: evaluating the dense and the factorised model on %s", ds)
-        ap_d, metric, desc = evaluate_detector(cfg, dense, ds)
-        ap_f, _, _ = evaluate_detector(cfg, fact, ds)
-        chance, how = chance_detector(cfg, ds)
-        data["accuracy"] = {"metric": metric, "dataset": ds, "evaluator": desc, "dense": ap_d, "factorized": ap_f,
-                            "chance": chance, "chance_method": how}
-
-    data["history"] = history_section(run_dir, data["notes"])
-
-    init_model, source = _initial_model(cfg, initial)
-    data["spectra"] = spectra_section(plan, init_model, dense, source, num_spectra)
-    frozen = [n + ".weight" for n, m in dense.named_modules()
-              if isinstance(m, nn.Conv2d) and not m.weight.requires_grad]
-    same = None if initial else initial_weights_match(init_model.state_dict(), dense.state_dict(), frozen)
-    if same is not None:
-        data["spectra"]["initial_verified"] = same
-        data["notes"].append(
-            f"initial weights for the spectra: rebuilt with SEED={cfg.SEED}; they "
-            + ("equal" if same else "do NOT equal")
-            + f" the trained checkpoint on its {len(frozen)} frozen convs (which training never changes)")
-    return data
+    return measure_run(_Detectron2Run(cfg), checkpoint, compressed, **options)

@@ -7,18 +7,32 @@ Importing this package registers :class:`LRPETHook` in mmengine's ``HOOKS`` regi
 
     custom_imports = dict(imports=['lrpet_dense.mmseg'], allow_failed_imports=False)
     custom_hooks = [dict(type='LRPETHook', target_macs_cut=0.3, interval=500)]
+
+The same parts, under the same names, as :mod:`lrpet_dense.detectron2`:
+
+- ``config``: :func:`lrpet_config` maps the config's ``LRPETHook`` options onto
+  :class:`~lrpet_dense.core.LRPETConfig` (each keyword is the field of the same name);
+- ``pairing``: :func:`pair_convs` -> :class:`~lrpet_dense.core.Pairing` (sibling ``bnN``,
+  ``Sequential``, ``ConvModule``);
+- ``hook``: :class:`LRPETHook`, :func:`build_plan`;
+- ``deploy``: :func:`load_model`, :func:`compress_model_`, :func:`save_compressed`,
+  :func:`plan_from_checkpoint`, :func:`count_complexity`, :func:`output_tensors`, the
+  ``LRPETEncoderDecoder`` model type;
+- ``report``: :func:`measure`; ``checkpoint``: :func:`allow_mmengine_checkpoints`.
+
+The command line is ``lrpet-dense compress seg | report seg``; training is mmseg's own ``tools/train.py``.
 """
 from .checkpoint import allow_mmengine_checkpoints
-from .deploy import (PLAN_KEY, LRPETEncoderDecoder, complexity, compress_model_, compressed_state_dict, load_model,
-                     max_rank_excess, plan_from_checkpoint, save_compressed)
-from .hook import LRPETHook, backbone_conv_macs, build_seg_plan
-from .pairing import DEFAULT_INCLUDE, is_batchnorm, pair_conv_bn
+from .config import lrpet_config
+from .deploy import (LRPETEncoderDecoder, compress_model_, count_complexity, load_model, output_tensors,
+                     plan_from_checkpoint, save_compressed)
+from .hook import LRPETHook, build_plan
+from .pairing import default_include, pair_convs, unwrap_model
 
 allow_mmengine_checkpoints()
 
 __all__ = [
-    "LRPETHook", "build_seg_plan", "backbone_conv_macs", "allow_mmengine_checkpoints",
-    "pair_conv_bn", "is_batchnorm", "DEFAULT_INCLUDE",
-    "LRPETEncoderDecoder", "compress_model_", "compressed_state_dict", "save_compressed", "complexity",
-    "max_rank_excess", "PLAN_KEY", "load_model", "plan_from_checkpoint",
+    "lrpet_config", "pair_convs", "default_include", "unwrap_model", "build_plan", "LRPETHook",
+    "allow_mmengine_checkpoints", "LRPETEncoderDecoder", "load_model", "plan_from_checkpoint", "compress_model_",
+    "save_compressed", "count_complexity", "output_tensors",
 ]

@@ -33,16 +33,18 @@ from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 from torch import nn
 
-from lrpet_dense.core import (RankPlan, build_factorized_, check_trainable_, compare_outputs, compressed_state_dict,
-                              enable_compressed_loading_, factorize_, float64_copy, model_plan, project_layers_,
-                              rank_excess)
-from lrpet_dense.core.factorize import PLAN_METADATA_KEY, PLAN_STATE_KEY, plan_from_tensor
-from lrpet_dense.io import atomic_save, check_finite_state, load_checkpoint_safe
+from lrpet_dense.core import LRPETConfig, RankPlan, enable_compressed_loading_, factorize_
+from lrpet_dense.core.factorize import (PLAN_METADATA_KEY, PLAN_STATE_KEY, check_trainable_, compressed_state_dict,
+                                        model_plan, plan_from_tensor)
+from lrpet_dense.core.verify import factorize_checked_
+from lrpet_dense.io import atomic_save, check_finite_state, load_checkpoint_safe, plain_data
 
-from .pairing import pair_conv_bn
+from .pairing import pair_convs
 
-__all__ = ["LRPETEncoderDecoder", "PLAN_KEY", "compress_model_", "compressed_state_dict", "save_compressed",
-           "complexity", "max_rank_excess", "load_model", "plan_from_checkpoint"]
+__all__ = [
+    "LRPETEncoderDecoder", "load_model", "plan_from_checkpoint", "compressed_plan_of", "compress_model_",
+    "save_compressed", "count_complexity", "output_tensors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +73,11 @@ class LRPETEncoderDecoder(EncoderDecoder):
         super().__init__(*args, **kwargs)
         enable_compressed_loading_(self)
         if factorized_from is not None:
-            ckpt = load_checkpoint_safe(factorized_from)
-            if not is_compressed(ckpt):
+            plan = compressed_plan_of(factorized_from)
+            if plan is None:
                 raise ValueError(f"factorized_from={factorized_from!r} is not a compressed checkpoint (no LRPET plan "
                                  "in its state dict); give the output of tools/compress_seg.py")
-            build_factorized_(self, plan_from_checkpoint(ckpt))
+            factorize_(self, plan, from_weights=False)
 
     def loss(self, inputs, data_samples):
         check_trainable_(self)  # not silently "fine-tuning" layers the optimizer does not hold
@@ -105,6 +107,12 @@ def plan_from_checkpoint(checkpoint: Dict[str, Any]) -> Optional[RankPlan]:
     return None
 
 
+def compressed_plan_of(path: str) -> Optional[RankPlan]:
+    """The plan of a compressed checkpoint file, or None when the file holds a dense model."""
+    ckpt = load_checkpoint_safe(path)
+    return plan_from_checkpoint(ckpt) if is_compressed(ckpt) else None
+
+
 def is_compressed(checkpoint: Dict[str, Any]) -> bool:
     """Whether a checkpoint dict holds a factorised model (not a training checkpoint with a plan)."""
     sd = checkpoint.get("state_dict")
@@ -114,81 +122,25 @@ def is_compressed(checkpoint: Dict[str, Any]) -> bool:
     return PLAN_KEY in ((getattr(sd, "_metadata", None) or {}).get("", {}))
 
 
-def max_rank_excess(model: nn.Module, plan: RankPlan, rtol: float = 1e-4) -> Dict[str, int]:
-    """Layers of ``plan`` whose dense weight has numerical rank above the planned rank.
-
-    The rank counts singular values above ``rtol * sigma_1`` (:func:`~lrpet_dense.core.rank_excess`).
-    An empty result means that factorising reproduces the dense model (to float round-off).
-    """
-    return {n: r for n, (r, _) in rank_excess(model, plan, rtol).items()}
-
-
-def _check_input(hw: Tuple[int, int]) -> torch.Tensor:
-    return torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def output_tensors(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The segmentor's logits (``mode='tensor'``, before the argmax), e.g. to compare two models in float64."""
     with torch.no_grad():
         return model(x, mode="tensor")
 
 
-def compress_model_(model: nn.Module, plan: RankPlan, *, project: bool = False, projection_options=None,
+def compress_model_(model: nn.Module, plan: RankPlan, *, project: bool = False, config: Optional[LRPETConfig] = None,
                     check_hw: Tuple[int, int] = (64, 64), rtol: float = 1e-4) -> List[str]:
-    """Factorise the planned convs of a trained (projected) segmentor in place, checking the result.
+    """Factorise the planned convs of a trained (projected) segmentor of any type in place, once checked.
 
-    Args:
-        model: the dense segmentor (any ``EncoderDecoder``).
-        plan: the rank plan (normally the one the LRPET hook saved in the checkpoint).
-        project: project the planned convs onto their rank first (a one-shot truncation, for weights
-            not trained with LRPET). Defaults to False: such weights are refused.
-        projection_options: keyword options of :func:`~lrpet_dense.core.project_layers_` when
-            ``project``. Defaults to the method's defaults.
-        check_hw: input size of the float64 output check. Defaults to 64x64.
-        rtol: tolerance of the output check (see :mod:`lrpet_dense.core.verify`). Defaults to 1e-4.
-
-    Returns:
-        The names of the factorised convs.
-
-    Raises:
-        ValueError: a planned conv is not low-rank and ``project`` is False, or the factorised
-            model's logits differ from the dense model's. The model is unchanged then.
+    As the detectron2 adapter's: :func:`lrpet_dense.core.verify.factorize_checked_` does the steps
+    (``project``, ``config`` and ``rtol`` are its options), comparing the logits
+    (:func:`output_tensors`) of one random ``check_hw`` input (default 64x64) in float64.
+    Returns the names of the factorised convs.
     """
-    if project:
-        pairs, _, _ = pair_conv_bn(model, include=list(plan.layers), skip_frozen=False)
-        project_layers_(pairs, plan, **(projection_options or {}))
-    bad = rank_excess(model, plan)
-    if bad:
-        examples = [(n, r, k) for n, (r, k) in list(bad.items())[:3]]
-        raise ValueError(f"{len(bad)} planned conv(s) are not of their planned rank, e.g. {examples} (name, "
-                         "numerical rank, planned rank): the weights were not projected with this plan (not an "
-                         "LRPET-trained checkpoint, or saved before the final projection). Factorising them would "
-                         "change the model's outputs; to project them first (a one-shot truncation), pass --project "
-                         "(project=True)")
-    x = _check_input(check_hw)
-    was_training = model.training
-    reference = _logits(float64_copy(model), x)
-    rehearsal = copy.deepcopy(model)  # the real model changes only once the result has been checked
-    factorize_(rehearsal, plan)
-    compare_outputs(reference, _logits(float64_copy(rehearsal), x), rtol=rtol, what="the factorised segmentor")
-    del rehearsal
-    names = factorize_(model, plan)
-    model.train(was_training)
-    return names
-
-
-def _plain(value):
-    """``value`` reduced to what ``torch.load(weights_only=True)`` accepts without allow-listing."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if hasattr(value, "tolist"):  # numpy scalars/arrays
-        return value.tolist()
-    return str(value)
+    layers = pair_convs(model, LRPETConfig(include=tuple(plan.layers), include_frozen=True)).layers if project else None
+    x = torch.randn(1, 3, *check_hw, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return factorize_checked_(model, plan, lambda m: output_tensors(m, x), project_layers=layers, config=config,
+                              rtol=rtol, what="the factorised segmentor")
 
 
 def save_compressed(model: nn.Module, path: str, meta: Optional[dict] = None) -> dict:
@@ -205,7 +157,7 @@ def save_compressed(model: nn.Module, path: str, meta: Optional[dict] = None) ->
     plan = model_plan(model)
     if plan is None:
         raise ValueError("the model is not factorised: call compress_model_ first")
-    meta = _plain(dict(meta or {}))
+    meta = plain_data(dict(meta or {}))
     meta[PLAN_KEY] = plan.to_dict()
     ckpt = {"meta": meta, "state_dict": compressed_state_dict(model)}
     atomic_save(ckpt, path)
@@ -255,7 +207,7 @@ def load_model(cfg, path: Optional[str], *, device: str = "cpu", dense_only: boo
     return model.to(device).eval(), ckpt
 
 
-def complexity(model: nn.Module, input_hw: Tuple[int, int]) -> Dict[str, Dict[str, int]]:
+def count_complexity(model: nn.Module, input_hw: Tuple[int, int]) -> Dict[str, Dict[str, int]]:
     """Params and MACs from ``mmengine.analysis.get_model_complexity_info``.
 
     Returns:
@@ -264,15 +216,12 @@ def complexity(model: nn.Module, input_hw: Tuple[int, int]) -> Dict[str, Dict[st
     """
     from mmengine.analysis import get_model_complexity_info
 
+    from lrpet_dense.core.selection import eval_mode
+
     shape = (3, int(input_hw[0]), int(input_hw[1]))
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        out = {}
+    out = {}
+    with eval_mode(model):
         for key, module in (("backbone", model.backbone), ("model", model)):
             info = get_model_complexity_info(module, input_shape=shape, show_table=False, show_arch=False)
             out[key] = {"params": int(info["params"]), "macs": int(info["flops"])}
-    finally:
-        for m, mode in was_training.items():
-            m.training = mode
     return out

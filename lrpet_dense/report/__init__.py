@@ -14,12 +14,10 @@ Example:
 Use ``tools/report.py`` to measure and write a report for a detectron2 or mmseg checkpoint.
 """
 from .history import load_projection_history
-from .measure import (check_same_plan, factorized_layer_names, history_section, initial_weights_match, latency_section,
-                      measure_latency, singular_values, spectra_layers, spectra_section)
+from .measure import RunMeasurer, initial_weights_match, measure_latency, measure_run, singular_values, spectra_layers
 from .write import REPORT_VERSION, render_markdown, write_report, write_summary
 
 __all__ = [
     "load_projection_history", "measure_latency", "singular_values", "spectra_layers", "initial_weights_match",
-    "check_same_plan", "factorized_layer_names", "latency_section", "history_section", "spectra_section",
-    "render_markdown", "write_report", "write_summary", "REPORT_VERSION",
+    "RunMeasurer", "measure_run", "render_markdown", "write_report", "write_summary", "REPORT_VERSION",
 ]

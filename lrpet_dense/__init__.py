@@ -1,10 +1,11 @@
 """LRPET for dense prediction: low-rank projection with energy transfer for detectron2 and mmseg.
 
-``import lrpet_dense`` loads only the torch core; the framework adapters live in
-``lrpet_dense.detectron2`` and ``lrpet_dense.mmseg`` and are imported explicitly.
+``import lrpet_dense`` loads only the torch core (:mod:`lrpet_dense.core`, whose public names it
+re-exports); the framework adapters live in ``lrpet_dense.detectron2`` and ``lrpet_dense.mmseg`` and
+are imported explicitly. The command line is ``lrpet-dense`` (:mod:`lrpet_dense.cli`).
 """
-from .core import *  # noqa: F401,F403
-from .core import __all__ as _core_all
+from . import core
+from .core import *  # noqa: F401,F403  (the public API: lrpet_dense.core.__all__)
 
-__version__ = "0.1.0"
-__all__ = list(_core_all)
+__version__ = "0.2.0"
+__all__ = list(core.__all__)

@@ -1,0 +1,166 @@
+"""``lrpet-dense train-det``: train / evaluate detectron2 Faster R-CNN with LRPET low-rank projection.
+
+The detectron2 way (as ``projects/DeepLab/train_net.py``)::
+
+    lrpet-dense train-det --config configs/faster_rcnn_lrpet.yaml [--num-gpus N] [--resume] [--eval-only] [KEY VALUE ...]
+    python tools/train_det.py --config configs/faster_rcnn_lrpet.yaml ...   # the same
+
+``--config`` and detectron2's own ``--config-file`` are the same option. With ``LRPET.ENABLED`` the
+:class:`~lrpet_dense.detectron2.LRPETHook` is placed before the ``PeriodicCheckpointer``, so every
+checkpoint and ``model_final.pth`` are exactly low-rank. ``--eval-only MODEL.WEIGHTS compressed.pth``
+evaluates a checkpoint written by ``lrpet-dense compress det``, whatever ``MODEL.META_ARCHITECTURE``;
+a compressed ``MODEL.WEIGHTS`` with ``LRPET.ENABLED False`` fine-tunes the factorised model.
+
+Datasets: the VOC configs use detectron2's builtin ``voc_2007_*``/``voc_2012_*`` names under
+``$DETECTRON2_DATASETS``; when ``$LRPET_TOY_VOC`` names a toy ``VOCdevkit`` (``python -m
+lrpet_dense.data.toy_voc OUT``), ``voc_toy_2007_*`` / ``voc_toy3_2007_*`` are registered for the toy configs.
+"""
+import argparse
+import logging
+import os
+from typing import List, Optional
+
+import torch
+
+import detectron2.utils.comm as comm
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
+from detectron2.utils.logger import setup_logger
+
+from lrpet_dense.core import enable_compressed_loading_, factorize_
+from lrpet_dense.core.factorize import model_plan
+from lrpet_dense.detectron2 import (CompressedAwareCheckpointer, LRPETHook, RNGStateHook, add_lrpet_config,
+                                    insert_before_checkpointer, register_toy_voc_from_env, unwrap_model)
+from lrpet_dense.detectron2.deploy import compressed_plan_of
+from lrpet_dense.io import check_checkpoint_file
+from lrpet_dense.rng import preserved_rng_state
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with VOC/COCO evaluators, the LRPET hook, and exact ``--resume``.
+
+    Exact resume (see :mod:`lrpet_dense.detectron2.rng`): an :class:`RNGStateHook` checkpoints the
+    RNG states, the training loader has its own seeded generator, and evaluation leaves the global
+    RNG streams where it found them.
+    """
+
+    @classmethod
+    def build_model(cls, cfg):
+        # Compressed checkpoints load into their factorised structure whatever MODEL.META_ARCHITECTURE is.
+        model = enable_compressed_loading_(super().build_model(cfg))
+        # A compressed MODEL.WEIGHTS: build its factorised convs now, before the optimizer and DDP are
+        # built around the model, so that fine-tuning trains them.
+        plan = compressed_plan_of(cfg.MODEL.WEIGHTS)
+        if plan is not None:
+            names = factorize_(model, plan, from_weights=False)
+            logging.getLogger("lrpet_dense").info(
+                "LRPET: MODEL.WEIGHTS is a compressed checkpoint: built its %d factorised convs (plan p=%g) "
+                "before loading it", len(names), plan.ratio)
+        return model
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # The loader's own generator (not the global torch RNG) draws its workers' base seed when
+        # its iterator is created, which a resumed run does at another step than the original.
+        seed = cfg.SEED + comm.get_rank() if cfg.SEED >= 0 else int(torch.randint(2 ** 31, ()))
+        return build_detection_train_loader(cfg, seed=seed)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        with preserved_rng_state():  # evaluating must not shift the training steps' random draws
+            return super().test(cfg, model, evaluators)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
+        if evaluator_type == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
+        if evaluator_type == "coco":
+            return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
+        raise NotImplementedError(f"no evaluator for dataset {dataset_name!r} of type {evaluator_type!r}")
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        if self.cfg.LRPET.ENABLED and model_plan(unwrap_model(self.model)) is not None:
+            raise ValueError(f"LRPET training needs dense weights, but MODEL.WEIGHTS={self.cfg.MODEL.WEIGHTS!r} is a "
+                             "compressed (factorised) checkpoint; train from the dense checkpoint it was made from "
+                             "(e.g. model_final.pth), or set LRPET.ENABLED False to fine-tune the factorised model")
+        if self.cfg.LRPET.ENABLED:
+            insert_before_checkpointer(ret, LRPETHook.from_config(self.cfg, self.model))
+        # Right before the checkpointer (after PreciseBN, which draws random numbers when it runs).
+        rng_hook = RNGStateHook(self.cfg.SOLVER.CHECKPOINT_PERIOD, self.cfg.SOLVER.MAX_ITER)
+        at = [i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))]
+        ret.insert(at[0] if at else len(ret), rng_hook)
+        return ret
+
+    def resume_or_load(self, resume=True):
+        model = unwrap_model(self.model)
+        built_dense = model_plan(model) is None
+        super().resume_or_load(resume=resume)
+        if built_dense and model_plan(model) is not None:
+            raise ValueError("the checkpoint loaded for training is compressed (factorised), but the model was built "
+                             "dense, so the optimizer does not hold the factorised layers; give the compressed "
+                             "checkpoint as MODEL.WEIGHTS (it is then built factorised before the optimizer), or "
+                             "train from a dense checkpoint")
+
+
+def setup(args):
+    """Create the config, with the LRPET keys, and do detectron2's basic setup.
+
+    ``--config`` is a file, or the name of a config shipped with lrpet_dense (``faster_rcnn_lrpet.yaml``,
+    ``toy/faster_rcnn_lrpet_toy.yaml``; :func:`lrpet_dense.configs.resolve`).
+    """
+    from lrpet_dense.configs import resolve
+
+    args.config_file = resolve(args.config_file)  # detectron2's default_setup logs and copies this file
+    cfg = get_cfg()
+    add_lrpet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    # detectron2 projects log through their own package logger (e.g. PointSup's "point_sup").
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="lrpet_dense")
+    register_toy_voc_from_env()
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and (args.eval_only or not args.resume):
+        # A missing or truncated local file: a clear error naming it, before anything is built.
+        check_checkpoint_file(cfg.MODEL.WEIGHTS)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        CompressedAwareCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
+                                                                                    resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """detectron2's ``default_argument_parser`` plus ``--config`` (same as ``--config-file``)."""
+    parser = default_argument_parser()
+    parser.add_argument("--config", dest="config_file", metavar="FILE", default=argparse.SUPPRESS,
+                        help="path to config file (same as --config-file)")
+    return parser
+
+
+def run(argv: Optional[List[str]] = None):
+    """Parse detectron2's command line (``--config``, ``--num-gpus``, ``--resume``, ``--eval-only``, ``KEY VALUE``)
+    and train or evaluate under detectron2's ``launch``."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if not args.config_file:
+        parser.error("a config file is required: --config configs/faster_rcnn_lrpet.yaml")
+    print("Command Line Args:", args)
+    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  dist_url=args.dist_url, args=(args,))

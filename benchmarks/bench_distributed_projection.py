@@ -1,6 +1,6 @@
 """Time one LRPET projection of all ResNet-50 convs in 1 process vs W processes (gloo, CPU).
 
-The W-process run uses :func:`~lrpet_dense.core.project_layers_distributed_`: each rank projects
+The W-process run uses :func:`~lrpet_dense.core.project_` in a process group: each rank projects
 its share of the layers and the new weights are broadcast, so every rank ends with the same
 weights. Each of the W processes gets ``--threads-per-rank t`` torch threads (a DDP rank has its
 own device). Timed, best of ``--repeat`` after a warm-up:
@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 import torchvision
 
-from lrpet_dense.core import ConvBN, build_rank_plan, layer_specs, project_layers_distributed_
+from lrpet_dense.core import ConvBN, LRPETConfig, build_rank_plan, project_
+from lrpet_dense.core.selection import layer_specs
 
 
 def resnet50_layers(bnr: bool):
@@ -75,7 +76,7 @@ def _time_projection(layers, plan, repeat: int, barrier=lambda: None) -> tuple:
         restore()
         barrier()
         t0, c0 = time.perf_counter(), time.process_time()
-        project_layers_distributed_(layers, plan)
+        project_(layers, plan)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if i > 0:  # the first run is a warm-up
             best, best_cpu = min(best, dt), min(best_cpu, dc)
@@ -87,7 +88,7 @@ def _worker(rank: int, world: int, threads: int, ratio: float, repeat: int, bnr:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
     try:
         _, layers = resnet50_layers(bnr)
-        plan = build_rank_plan(layer_specs(layers), ratio)
+        plan = build_rank_plan(layer_specs(layers), LRPETConfig(ratio=ratio))
         best, cpu, weights = _time_projection(layers, plan, repeat, dist.barrier)
         # The communication floor: every weight broadcast once, in W equal flat buffers.
         numel = sum(l.conv.weight.numel() for l in layers)
@@ -126,7 +127,7 @@ def main(argv=None):
     total = per_rank * args.world
 
     _, layers = resnet50_layers(args.bnr)
-    plan = build_rank_plan(layer_specs(layers), args.ratio)
+    plan = build_rank_plan(layer_specs(layers), LRPETConfig(ratio=args.ratio))
     torch.set_num_threads(per_rank)
     single_s, single_cpu, single_w = _time_projection(layers, plan, args.repeat)
     torch.set_num_threads(total)

@@ -42,11 +42,12 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lrpet_dense.core import project_layers_  # noqa: E402
+from lrpet_dense.core import project_  # noqa: E402
 from lrpet_dense.core.factorize import PointwiseConv2d  # noqa: E402
+from lrpet_dense.configs import config_path  # noqa: E402
 
-DET_CFG = os.path.join(ROOT, "configs", "faster_rcnn_lrpet.yaml")
-SEG_CFG = os.path.join(ROOT, "configs", "pspnet_r50-d8_lrpet_voc12aug-512x512.py")
+DET_CFG = config_path("faster_rcnn_lrpet.yaml")
+SEG_CFG = config_path("pspnet_r50-d8_lrpet_voc12aug-512x512.py")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,13 +85,15 @@ class DetBundle:
         self.image = torch.rand(3, *hw, generator=g) * 255
 
     def plan(self, model, cut: Optional[float], ratio: Optional[float]):
-        from lrpet_dense.detectron2 import build_lrpet_plan, pairing_from_cfg
+        from lrpet_dense.detectron2 import build_plan, lrpet_config, pair_convs
+        from lrpet_dense.detectron2.hook import default_plan_hw
 
         cfg = self.cfg.clone()
         cfg.LRPET.TARGET_MACS_CUT = float(cut or 0.0)
-        cfg.LRPET.RATIO = float(ratio if ratio is not None else 0.5)
-        layers = pairing_from_cfg(cfg, model).layers
-        return layers, build_lrpet_plan(cfg, model, layers)
+        cfg.LRPET.RATIO = None if cut else float(ratio if ratio is not None else 0.5)
+        config = lrpet_config(cfg)
+        layers = pair_convs(model, config).layers
+        return layers, build_plan(model, layers, config, default_plan_hw(cfg))
 
     def compress_(self, model, plan) -> List[str]:
         from lrpet_dense.detectron2 import compress_model_
@@ -98,9 +101,9 @@ class DetBundle:
         return compress_model_(model, plan)
 
     def count(self, model) -> Dict[str, int]:
-        from lrpet_dense.detectron2 import count_flops_params
+        from lrpet_dense.detectron2 import count_complexity
 
-        f = count_flops_params(model, self.hw)["flops"]
+        f = {k: v["macs"] for k, v in count_complexity(model, self.hw).items()}
         return {"backbone": f["backbone"], "model": f["model"]}
 
     def backbone_fn(self, model, channels_last: bool) -> Callable[[], object]:
@@ -139,10 +142,12 @@ class SegBundle:
         self.image = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
 
     def plan(self, model, cut: Optional[float], ratio: Optional[float]):
-        from lrpet_dense.mmseg import build_seg_plan, pair_conv_bn
+        from lrpet_dense.core import LRPETConfig
+        from lrpet_dense.mmseg import build_plan, pair_convs
 
-        layers, _, _ = pair_conv_bn(model, ("backbone.*",))
-        return layers, build_seg_plan(model, layers, ratio=ratio, target_macs_cut=cut, input_size=self.hw)
+        config = LRPETConfig(ratio=None if cut else ratio, target_macs_cut=cut, plan_input_size=self.hw)
+        layers = pair_convs(model, config).layers
+        return layers, build_plan(model, layers, config)
 
     def compress_(self, model, plan) -> List[str]:
         from lrpet_dense.mmseg import compress_model_
@@ -150,9 +155,9 @@ class SegBundle:
         return compress_model_(model, plan)
 
     def count(self, model) -> Dict[str, int]:
-        from lrpet_dense.mmseg import complexity
+        from lrpet_dense.mmseg import count_complexity
 
-        c = complexity(model, self.hw)
+        c = count_complexity(model, self.hw)
         return {"backbone": c["backbone"]["macs"], "model": c["model"]["macs"]}
 
     def backbone_fn(self, model, channels_last: bool) -> Callable[[], object]:
@@ -202,7 +207,7 @@ def build_variants(bundle, targets: Sequence[Tuple[Optional[float], Optional[flo
     for cut, ratio in targets:
         model = copy.deepcopy(bundle.dense)
         layers, plan = bundle.plan(model, cut, ratio)
-        project_layers_(layers, plan)  # make the planned convs exactly rank-k, as LRPET training leaves them
+        project_(layers, plan)  # make the planned convs exactly rank-k, as LRPET training leaves them
         with torch.inference_mode():
             ref = _first_tensor(bundle.backbone_fn(model, False)()).clone()
         names = bundle.compress_(model, plan)

@@ -41,14 +41,15 @@ import time
 from typing import Dict, List, Optional
 
 import torch
+from lrpet_dense.configs import config_path  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-DET_TOY = os.path.join(ROOT, "configs", "toy", "faster_rcnn_lrpet_toy.yaml")
-DET_FULL = os.path.join(ROOT, "configs", "faster_rcnn_lrpet.yaml")
-SEG_TOY = os.path.join(ROOT, "configs", "toy", "pspnet_r50-d8_lrpet_toy.py")
-SEG_FULL = os.path.join(ROOT, "configs", "pspnet_r50-d8_lrpet_voc12aug-512x512.py")
+DET_TOY = config_path("toy/faster_rcnn_lrpet_toy.yaml")
+DET_FULL = config_path("faster_rcnn_lrpet.yaml")
+SEG_TOY = config_path("toy/pspnet_r50-d8_lrpet_toy.py")
+SEG_FULL = config_path("pspnet_r50-d8_lrpet_voc12aug-512x512.py")
 
 
 def _summary(xs: List[float]) -> Dict[str, float]:

@@ -9,9 +9,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-$ROOT/.venv/bin/python}
+CLI=("$PY" -m lrpet_dense)  # the lrpet-dense command of this environment
 OUT=${LRPET_QUICKSTART_OUT:-$ROOT/output/quickstart}
-DET_CFG=configs/toy/faster_rcnn_lrpet_quickstart.yaml
-SEG_CFG=configs/toy/pspnet_r50-d8_lrpet_quickstart.py
+DET_CFG=toy/faster_rcnn_lrpet_quickstart.yaml  # configs shipped with the package, found by name
+SEG_CFG=$("${CLI[@]}" config-path toy/pspnet_r50-d8_lrpet_quickstart.py)
 mkdir -p "$OUT"
 start=$(date +%s)
 log() { echo "[quickstart $(( $(date +%s) - start ))s] $*"; }
@@ -29,12 +30,12 @@ log "generating the toy VOC dataset in $OUT/toy_voc (64 train / 16 test images, 
 "$PY" -m lrpet_dense.data.toy_voc "$OUT/toy_voc" --train 64 --test 16 --size 128 \
   --max-objects 2 --object-size 0.3 0.6 --noise 6
 
-log "detectron2: training Faster R-CNN R50-C4 with LRPET from random init (tools/train_det.py, $DET_CFG)"
+log "detectron2: training Faster R-CNN R50-C4 with LRPET from random init (lrpet-dense train-det, $DET_CFG)"
 run "$OUT/det_train.log" "iter: |LRPET projection|copypaste: [0-9]|Total training time" \
-  "$PY" tools/train_det.py --config "$DET_CFG" OUTPUT_DIR "$OUT/det"
-log "detectron2: compressing (tools/compress_det.py)"
-run "$OUT/det_compress.log" "^factorised|^backbone:|^model:" \
-  "$PY" tools/compress_det.py --config "$DET_CFG" --checkpoint "$OUT/det/model_final.pth" \
+  "${CLI[@]}" train-det --config "$DET_CFG" OUTPUT_DIR "$OUT/det"
+log "detectron2: compressing (lrpet-dense compress det)"
+run "$OUT/det_compress.log" "^factorised|^backbone |^model " \
+  "${CLI[@]}" compress det --config "$DET_CFG" --checkpoint "$OUT/det/model_final.pth" \
   --output "$OUT/det/model_compressed.pth"
 
 MMSEG_TRAIN=$("$PY" -c "import mmseg, os; print(os.path.join(os.path.dirname(mmseg.__file__), '.mim', 'tools', 'train.py'))")
@@ -42,19 +43,19 @@ log "mmseg: training PSPNet R50-D8 with LRPETHook from random init (mmseg's own 
 run "$OUT/seg_train.log" "Iter\(train\)|LRPET projection|Iter\(val\).*mIoU" \
   "$PY" "$MMSEG_TRAIN" "$SEG_CFG" --work-dir "$OUT/seg"
 SEG_CKPT=$(cat "$OUT/seg/last_checkpoint")
-log "mmseg: compressing (tools/compress_seg.py)"
+log "mmseg: compressing (lrpet-dense compress seg)"
 run "$OUT/seg_compress.log" "^factorised|^backbone|^model" \
-  "$PY" tools/compress_seg.py "$SEG_CFG" "$SEG_CKPT" "$OUT/seg/model_compressed.pth"
+  "${CLI[@]}" compress seg "$SEG_CFG" "$SEG_CKPT" "$OUT/seg/model_compressed.pth"
 
 log "report: detectron2 model (accuracy vs chance, params/MACs, CPU latency, spectra)"
 run "$OUT/det_report.log" "^report written|Evaluation results|copypaste: [0-9]" \
-  "$PY" tools/report.py det --config "$DET_CFG" --checkpoint "$OUT/det/model_final.pth" \
+  "${CLI[@]}" report det --config "$DET_CFG" --checkpoint "$OUT/det/model_final.pth" \
   --compressed "$OUT/det/model_compressed.pth" --out "$OUT/det/report" --repeats 5 --warmup 1 --quiet
 log "report: mmseg model"
 run "$OUT/seg_report.log" "^report written|mIoU:" \
-  "$PY" tools/report.py seg "$SEG_CFG" "$SEG_CKPT" "$OUT/seg/model_compressed.pth" --out "$OUT/seg/report" \
+  "${CLI[@]}" report seg "$SEG_CFG" "$SEG_CKPT" "$OUT/seg/model_compressed.pth" --out "$OUT/seg/report" \
   --repeats 5 --warmup 1 --quiet
-"$PY" tools/report.py summary "$OUT/det/report" "$OUT/seg/report" --out "$OUT/report.md" > /dev/null
+"${CLI[@]}" report summary "$OUT/det/report" "$OUT/seg/report" --out "$OUT/report.md" > /dev/null
 
 echo
 cat "$OUT/det/report/report.md"

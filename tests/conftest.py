@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from lrpet_dense.configs import config_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 # -- detectron2 -----------------------------------------------------------------------------------
-D2_TOY_CFG = REPO / "configs" / "toy" / "faster_rcnn_lrpet_toy.yaml"
+D2_TOY_CFG = Path(config_path("toy/faster_rcnn_lrpet_toy.yaml"))
 D2_MAX_ITER, D2_INTERVAL = 5, 2
 # Tiny and reproducible: every RPN anchor / ROI candidate is sampled, so the sampling RNG only
 # permutes them; no flip; few proposals; evaluation keeps low scores so there are detections.
@@ -28,6 +29,15 @@ D2_TINY = [
     "SOLVER.MAX_ITER", str(D2_MAX_ITER), "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
     "LRPET.INTERVAL", str(D2_INTERVAL), "TEST.PRECISE_BN.NUM_ITER", "2",
 ]
+
+
+def macs_cut(text: str, part: str = "backbone") -> float:
+    """The MACs cut (%) of ``part`` in the table both compression tools print."""
+    import re
+
+    m = re.search(rf"^{part} .* ([\d.]+)%\s+([\d.]+)%$", text, re.M)
+    assert m, f"no {part} row in the compression tool's output"
+    return float(m.group(2))
 
 
 def run_tool(args, env_extra=None, timeout=420) -> str:
@@ -81,7 +91,7 @@ def d2_small_ckpts(tmp_path_factory):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from lrpet_dense.core import project_layers_
+    from lrpet_dense.core import project_
     from lrpet_dense.detectron2 import LRPETHook, add_lrpet_config, compress_model_, save_compressed
 
     cfg = get_cfg()
@@ -91,18 +101,18 @@ def d2_small_ckpts(tmp_path_factory):
                                    "LRPET.RATIO", 0.5])
     model = build_model(cfg)
     hook = LRPETHook.from_config(cfg, model)
-    project_layers_(hook._layers, hook.plan)
+    project_(hook._layers, hook.plan)
     folder = tmp_path_factory.mktemp("d2_ckpt")
     dense = folder / "model_final.pth"
     torch.save({"model": model.state_dict(), "trainer": {"hooks": {"LRPETHook": hook.state_dict()}}}, dense)
     compress_model_(model, hook.plan)
     path = folder / "compressed.pth"
-    save_compressed(model, hook.plan, str(path))
+    save_compressed(model, str(path))
     return path, dense
 
 
 # -- mmseg ----------------------------------------------------------------------------------------
-SEG_TOY_CFG = REPO / "configs" / "toy" / "pspnet_r50-d8_lrpet_toy.py"
+SEG_TOY_CFG = Path(config_path("toy/pspnet_r50-d8_lrpet_toy.py"))
 
 
 def mmseg_tools() -> Path:
@@ -149,8 +159,8 @@ def seg_small_ckpts(tmp_path_factory):
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS
 
-    from lrpet_dense.core import project_layers_
-    from lrpet_dense.mmseg import build_seg_plan, compress_model_, pair_conv_bn, save_compressed
+    from lrpet_dense.core import LRPETConfig, project_
+    from lrpet_dense.mmseg import build_plan, compress_model_, pair_convs, save_compressed
 
     folder = tmp_path_factory.mktemp("seg_ckpt")
     with mock.patch.dict(os.environ, {"LRPET_TOY_VOC_ROOT": str(folder)}):
@@ -158,9 +168,10 @@ def seg_small_ckpts(tmp_path_factory):
     init_default_scope("mmseg")
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
-    pairs, _, _ = pair_conv_bn(model, include=["backbone.stem.*", "backbone.layer1.*"])
-    plan = build_seg_plan(model, pairs, ratio=0.5)
-    project_layers_(pairs, plan)
+    config = LRPETConfig(ratio=0.5, include=("backbone.stem.*", "backbone.layer1.*"))
+    pairs = pair_convs(model, config).layers
+    plan = build_plan(model, pairs, config)
+    project_(pairs, plan)
     dense = folder / "iter_3.pth"
     torch.save({"meta": {}, "state_dict": model.state_dict(), "lrpet": {"plan": plan.to_dict()}}, dense)
     compress_model_(model, plan)

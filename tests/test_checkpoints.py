@@ -83,7 +83,7 @@ def test_seg_checkpoint_with_other_class_is_refused(seg_stock_ckpt, seg_toy_data
                       env, REPO)
     assert code == 2
     errors = [l for l in text.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1 and "argparse.Namespace" in errors[0] and "not plain data" in errors[0]
+    assert len(errors) == 1 and "it needs argparse.Namespace" in errors[0] and "neither plain data" in errors[0]
     code, text = _run([mmseg_tools() / "test.py", SEG_TOY_CFG, bad, "--work-dir", tmp_path], seg_env(seg_toy_data),
                       tmp_path)
     assert code != 0 and "argparse.Namespace" in text  # torch's own refusal, in mmseg's own tool

@@ -6,10 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from lrpet_dense.core import (ConvBN, FactorizedConv2d, LayerSpec, LRPETProjector, RankPlan, bn_scale_of,
-                              build_factorized_, build_rank_plan, compute_projection, conv_macs,
-                              factorization_saves, factorize_, factorized_macs, lrpet_project, project_layers_,
-                              rank_from_ratio, select_names)
+from lrpet_dense.core import (ConvBN, FactorizedConv2d, LayerSpec, LRPETConfig, LRPETProjector, RankPlan,
+                              build_rank_plan, factorize_, lrpet_project, project_, rank_from_ratio)
+from lrpet_dense.core.macs import conv_macs, factorization_saves, factorized_macs
+from lrpet_dense.core.projection import _bn_scale, _compute_projection
+from lrpet_dense.core.rank import select_names
+
+C = LRPETConfig
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,13 +64,13 @@ SPECS = [LayerSpec("a.conv1", (64, 64, 3, 3), (32, 32)), LayerSpec("a.conv2", (2
 
 
 def test_plan_ratio_and_overrides():
-    plan = build_rank_plan(SPECS, 0.25, overrides={"b.*": 0.5})
+    plan = build_rank_plan(SPECS, C(ratio=0.25, overrides={"b.*": 0.5}))
     assert plan.ranks == {"a.conv1": 48, "a.conv2": 48, "b.conv1": 64, "b.conv2": 64}
     assert plan["b.conv1"].ratio == 0.5
 
 
 def test_plan_round_trip_plain_data(tmp_path):
-    plan = build_rank_plan(SPECS, target_macs_cut=0.4, overrides={"a.conv2": 0.1}, reference_macs=None)
+    plan = build_rank_plan(SPECS, C(target_macs_cut=0.4, overrides={"a.conv2": 0.1}), reference_macs=None)
     d = plan.to_dict()
     torch.save({"plan": d}, tmp_path / "p.pth")
     back = RankPlan.from_dict(torch.load(tmp_path / "p.pth", weights_only=True)["plan"])
@@ -90,7 +93,7 @@ def _cut(specs, p, ref=None):
 
 @pytest.mark.parametrize("target", [0.1, 0.3, 0.5])
 def test_mac_solver_smallest_ratio_reaching_target(target):
-    plan = build_rank_plan(SPECS, target_macs_cut=target)
+    plan = build_rank_plan(SPECS, C(target_macs_cut=target))
     # recomputed from the definition, independently of the plan object
     assert _cut(SPECS, plan.ratio) >= target
     assert _cut(SPECS, plan.ratio - 1e-4) < target  # smallest on the 1e-4 grid
@@ -99,20 +102,24 @@ def test_mac_solver_smallest_ratio_reaching_target(target):
 
 def test_mac_solver_reference_macs_and_unreachable():
     ref = 4 * sum(conv_macs(s.shape, s.out_hw) for s in SPECS)
-    plan = build_rank_plan(SPECS, target_macs_cut=0.1, reference_macs=ref)
+    plan = build_rank_plan(SPECS, C(target_macs_cut=0.1), reference_macs=ref)
     assert _cut(SPECS, plan.ratio, ref) >= 0.1
     with pytest.raises(ValueError, match="cannot be reached"):
-        build_rank_plan(SPECS, target_macs_cut=0.5, reference_macs=ref)
+        build_rank_plan(SPECS, C(target_macs_cut=0.5), reference_macs=ref)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(ratio=1.0), "ratio"), (dict(ratio=0.5, target_macs_cut=0.3), "exactly one"), (dict(), "exactly one"),
+    (dict(ratio=1.0), "ratio"), (dict(ratio=0.5, target_macs_cut=0.3), "not both"),
     (dict(target_macs_cut=1.2), "target_macs_cut"), (dict(ratio=0.5, overrides={"zzz*": 0.3}), "matches no"),
-    (dict(ratio=0.5, overrides={"a.*": -0.3}), "override"),
+    (dict(ratio=0.5, overrides={"a.*": -0.3}), "overrides"), (dict(rank_policy="energy"), "target_macs_cut"),
 ])
 def test_plan_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        build_rank_plan(SPECS, **kwargs)
+        build_rank_plan(SPECS, C(**kwargs))
+
+
+def test_plan_default_ratio_and_zero_cut_is_off():
+    assert build_rank_plan(SPECS).ratio == 0.5 == build_rank_plan(SPECS, C(target_macs_cut=0)).ratio
 
 
 def test_select_names():
@@ -139,7 +146,7 @@ def test_energy_transfer_keeps_norm_and_plain_lrp_loses_it():
     torch.manual_seed(1)
     w = torch.randn(96, 40, 3, 3, dtype=torch.float64)
     et = lrpet_project(w, 20)
-    lrp = lrpet_project(w, 20, energy_transfer=False)
+    lrp = lrpet_project(w, 20, config=C(energy_transfer=False))
     assert et.norm().item() == pytest.approx(w.norm().item(), rel=1e-12)
     assert lrp.norm().item() < w.norm().item() * 0.99
 
@@ -148,14 +155,14 @@ def test_eckart_young_no_random_rank_k_matrix_is_closer():
     torch.manual_seed(2)
     w = torch.randn(32, 50, dtype=torch.float64)
     k = 8
-    best = (lrpet_project(w, k, energy_transfer=False) - w).norm()
+    best = (lrpet_project(w, k, config=C(energy_transfer=False)) - w).norm()
     for _ in range(200):
         cand = torch.randn(32, k, dtype=torch.float64) @ torch.randn(k, 50, dtype=torch.float64)
         # scale each candidate optimally, then compare
         c = (cand * w).sum() / (cand * cand).sum()
         assert (c * cand - w).norm() >= best
     # also against perturbations of the optimum itself
-    opt = lrpet_project(w, k, energy_transfer=False)
+    opt = lrpet_project(w, k, config=C(energy_transfer=False))
     U, S, Vh = torch.linalg.svd(opt)
     for _ in range(50):
         pert = (U[:, :k] + 1e-3 * torch.randn(32, k, dtype=torch.float64)) @ torch.diag(S[:k]) @ Vh[:k]
@@ -166,8 +173,8 @@ def test_bnr_all_ones_scale_equals_no_bnr_up_to_ridge():
     torch.manual_seed(3)
     w = torch.randn(64, 16, 3, 3, dtype=torch.float64)
     a = torch.ones(64, dtype=torch.float64)
-    torch.testing.assert_close(lrpet_project(w, 10, bn_scale=a, ridge=0.0), lrpet_project(w, 10))
-    torch.testing.assert_close(lrpet_project(w, 10, bn_scale=a, ridge=1e-5), lrpet_project(w, 10) / (1 + 1e-5))
+    torch.testing.assert_close(lrpet_project(w, 10, bn_scale=a, config=C(ridge=0.0)), lrpet_project(w, 10))
+    torch.testing.assert_close(lrpet_project(w, 10, bn_scale=a, config=C(ridge=1e-5)), lrpet_project(w, 10) / (1 + 1e-5))
 
 
 @pytest.mark.parametrize("ridge", [0.0, 1e-5])
@@ -175,7 +182,7 @@ def test_bnr_folded_weight_is_et_projection_of_folded_weight(ridge):
     torch.manual_seed(4)
     w = torch.randn(64, 16, 3, 3, dtype=torch.float64)
     a = torch.rand(64, dtype=torch.float64) * 2 + 0.1
-    out = lrpet_project(w, 12, bn_scale=a, ridge=ridge)
+    out = lrpet_project(w, 12, bn_scale=a, config=C(ridge=ridge))
     folded_out = out * a[:, None, None, None]
     expected = lrpet_project(w * a[:, None, None, None], 12)
     # D W' = D a/(a^2+l) M' = a^2/(a^2+l) M'
@@ -198,7 +205,7 @@ def test_bnr_float32_against_reference():
 def test_residual_factor(r):
     torch.manual_seed(6)
     w = torch.randn(40, 60, dtype=torch.float64)
-    out = lrpet_project(w, 10, residual=r)
+    out = lrpet_project(w, 10, config=C(residual=r))
     torch.testing.assert_close(out, exact_ref(w, 10, r=r))
     assert out.norm().item() == pytest.approx(w.norm().item(), rel=1e-12)  # energy kept with residual too
     if r == 1.0:
@@ -217,7 +224,7 @@ def test_energy_kept_reported():
     torch.manual_seed(7)
     w = torch.randn(64, 64, dtype=torch.float64)
     a = torch.rand(64, dtype=torch.float64) + 0.5
-    _, kept = compute_projection(w, 20, bn_scale=a)
+    _, kept = _compute_projection(w, 20, a, C())
     S = torch.linalg.svdvals(w * a[:, None])
     assert kept == pytest.approx(((S[:20] ** 2).sum() / (S ** 2).sum()).item(), rel=1e-9)
 
@@ -226,12 +233,14 @@ def test_energy_kept_reported():
     (dict(rank=0), "rank"), (dict(rank=17), "rank"), (dict(rank=2.5), "rank"),
     (dict(rank=4, bn_scale=torch.ones(15)), "15 channels"),
     (dict(rank=4, bn_scale=torch.tensor([float("nan")] * 16)), "NaN/Inf"),
-    (dict(rank=4, ridge=-1.0), "ridge"), (dict(rank=4, residual=1.5), "residual"),
-    (dict(rank=4, bn_scale=torch.zeros(16), ridge=0.0), "ridge"),
+    (dict(rank=4, config=dict(ridge=-1.0)), "ridge"), (dict(rank=4, config=dict(residual=1.5)), "residual"),
+    (dict(rank=4, bn_scale=torch.zeros(16), config=dict(ridge=0.0)), "ridge"),
 ])
 def test_projection_bad_input(kwargs, match):
     w = torch.randn(16, 4, 3, 3)
     with pytest.raises(ValueError, match=match):
+        if "config" in kwargs:
+            kwargs = dict(kwargs, config=C(**kwargs["config"]))
         lrpet_project(w, **kwargs)
 
 
@@ -262,7 +271,7 @@ def test_project_layers_in_place_with_stats():
     net = _net()
     params_before = [id(p) for p in net.parameters()]
     olds = [net[i].weight.detach().clone() for i in (0, 3, 6)]
-    stats = project_layers_(_pairs(net), {"0": 6, "3": 10, "6": 4})
+    stats = project_(_pairs(net), {"0": 6, "3": 10, "6": 4})
     assert [id(p) for p in net.parameters()] == params_before  # same Parameter objects
     assert [s.name for s in stats] == ["0", "3", "6"]
     for (i, k), old, s in zip([(0, 6), (3, 10), (6, 4)], olds, stats):
@@ -270,7 +279,7 @@ def test_project_layers_in_place_with_stats():
         assert 0 < s.energy_kept < 1
         assert s.rel_change == pytest.approx(((net[i].weight - old).norm() / old.norm()).item(), rel=1e-5)
     torch.testing.assert_close(net[3].weight.detach().double(),
-                               exact_ref(olds[1], 10, bn_scale_of(net[4])), rtol=0, atol=1e-5)
+                               exact_ref(olds[1], 10, _bn_scale(net[4])), rtol=0, atol=1e-5)
 
 
 def test_project_layers_atomic_on_failure():
@@ -280,7 +289,7 @@ def test_project_layers_atomic_on_failure():
         net[6].weight[0, 0, 0, 0] = float("nan")
     before["6.weight"] = net[6].weight.detach().clone()
     with pytest.raises(ValueError, match="'6'"):
-        project_layers_(_pairs(net), {"0": 6, "3": 10, "6": 4})
+        project_(_pairs(net), {"0": 6, "3": 10, "6": 4})
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]) or (torch.isnan(v).any() and k == "6.weight"), k
     # a BN with the wrong channel count: error names the layer, nothing written
@@ -288,24 +297,24 @@ def test_project_layers_atomic_on_failure():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     bad = [ConvBN("0", net[0], net[1]), ConvBN("3", net[3], nn.BatchNorm2d(31))]
     with pytest.raises(ValueError, match="'3'.*31 channels"):
-        project_layers_(bad, {"0": 6, "3": 10})
+        project_(bad, {"0": 6, "3": 10})
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
 def test_project_layers_bad_plan_and_groups():
     net = _net()
     with pytest.raises(ValueError, match="not found"):
-        project_layers_(_pairs(net), {"9": 3})
+        project_(_pairs(net), {"9": 3})
     g = nn.Conv2d(8, 8, 3, groups=4)
     with pytest.raises(ValueError, match="groups=4"):
-        project_layers_([ConvBN("g", g, None)], {"g": 1})
+        project_([ConvBN("g", g, None)], {"g": 1})
 
 
 def test_bn_stats_nan_is_error():
     net = _net()
     net[1].running_var[2] = float("nan")
     with pytest.raises(ValueError, match="'0'.*NaN/Inf"):
-        project_layers_(_pairs(net), {"0": 6})
+        project_(_pairs(net), {"0": 6})
 
 
 # --- factorised conv -----------------------------------------------------------------------------
@@ -369,14 +378,14 @@ def test_factorized_conv_padding_mode_and_rejections():
 def test_factorize_model_only_where_it_saves_and_rebuild_loads():
     net = _net().eval()
     plan = {"3": 4, "6": 8}  # "6": 8 x (32 + 8) >= 8 x 32: not worth it
-    project_layers_(_pairs(net), plan)
+    project_(_pairs(net), plan)
     x = torch.randn(2, 3, 9, 9)
     ref = net(x)
     names = factorize_(net, plan)
     assert names == ["3"] and isinstance(net[3], FactorizedConv2d) and isinstance(net[6], nn.Conv2d)
     torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
     fresh = _net().eval()
-    assert build_factorized_(fresh, plan) == ["3"]
+    assert factorize_(fresh, plan, from_weights=False) == ["3"]
     fresh.load_state_dict(net.state_dict(), strict=True)
     torch.testing.assert_close(fresh(x), ref, rtol=1e-4, atol=1e-5)
 
@@ -386,7 +395,7 @@ def test_factorize_atomic_and_plan_mismatch():
     with pytest.raises(ValueError, match="not in the model"):
         factorize_(net, {"3": 4, "99": 2})
     assert isinstance(net[3], nn.Conv2d)  # nothing swapped
-    plan = build_rank_plan([LayerSpec("3", (32, 16, 1, 1))], 0.5)
+    plan = build_rank_plan([LayerSpec("3", (32, 16, 1, 1))], C(ratio=0.5))
     with pytest.raises(ValueError, match="differs from the plan"):
         factorize_(net, plan)
 
@@ -399,24 +408,24 @@ def test_macs():
 
 # --- schedule ------------------------------------------------------------------------------------
 def test_projector_schedule_and_state():
-    p = LRPETProjector(interval=3, begin=4)
+    p = LRPETProjector(C(interval=3, begin=4))
     assert [s for s in range(1, 12) if p.should_project(s, is_last=(s == 11))] == [6, 9, 11]
     net = _net()
     summary = p.project_(_pairs(net), build_rank_plan(
-        [LayerSpec("0", (16, 3, 3, 3)), LayerSpec("3", (32, 16, 3, 3))], 0.5), 6)
+        [LayerSpec("0", (16, 3, 3, 3)), LayerSpec("3", (32, 16, 3, 3))], C(ratio=0.5)), 6)
     assert set(summary.scalars()) == {"lrpet/time_s", "lrpet/energy_kept_mean", "lrpet/energy_kept_min",
                                       "lrpet/rel_change_mean", "lrpet/rel_change_max"}
     assert 0 < summary.scalars()["lrpet/energy_kept_min"] <= 1
-    q = LRPETProjector(interval=3, begin=4)
+    q = LRPETProjector(C(interval=3, begin=4))
     q.load_state_dict(p.state_dict())
     assert not q.should_project(6, is_last=True) and q.num_projections == 1
     for bad in (dict(interval=0), dict(interval=-2), dict(interval=2, begin=-1), dict(interval=1, ridge=-1)):
         with pytest.raises(ValueError):
-            LRPETProjector(**bad)
+            LRPETProjector(C(**bad))
 
 
 def test_import_does_not_pull_frameworks():
-    code = ("import sys, lrpet_dense, lrpet_dense.core, lrpet_dense.data.toy_voc\n"
+    code = ("import sys, lrpet_dense, lrpet_dense.core, lrpet_dense.data.toy_voc, lrpet_dense.configs, lrpet_dense.cli\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('detectron2', 'mmseg', 'mmcv', 'mmengine')]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -430,10 +439,10 @@ def test_project_layers_same_result_for_any_thread_count(threads):
     ref_net = _net()
     torch.set_num_threads(1)
     try:
-        project_layers_(_pairs(ref_net), {"0": 6, "3": 10, "6": 4})
+        project_(_pairs(ref_net), {"0": 6, "3": 10, "6": 4})
         net = _net()
         torch.set_num_threads(threads)
-        project_layers_(_pairs(net), {"0": 6, "3": 10, "6": 4})
+        project_(_pairs(net), {"0": 6, "3": 10, "6": 4})
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
@@ -451,7 +460,7 @@ def test_project_layers_threaded_failure_names_first_layer_and_restores_threads(
             net[6].weight[0, 0, 0, 0] = float("nan")
         snapshot = {k: v.clone() for k, v in net.state_dict().items()}
         with pytest.raises(ValueError, match="layer '3'"):
-            project_layers_(_pairs(net), {"0": 6, "3": 10, "6": 4})
+            project_(_pairs(net), {"0": 6, "3": 10, "6": 4})
         assert torch.get_num_threads() == 2
         for k, v in net.state_dict().items():
             assert torch.equal(v, snapshot[k]) or k in ("3.weight", "6.weight"), k
@@ -466,7 +475,7 @@ def test_layer_projections_reuse_no_buffer_between_layers(threads, residual):
     """Per-thread scratch buffers are reused from layer to layer: every result must still equal the
     layer projected on its own, own its storage, and survive the next call unchanged. The mix covers
     the kept-basis and dropped-basis paths, BNR, a full-rank entry and an all-zero weight with BN."""
-    from lrpet_dense.core import compute_layer_projections
+    from lrpet_dense.core.projection import _compute_layer_projections
 
     torch.manual_seed(3)
     convs = [nn.Conv2d(24, 24, 3, bias=False) for _ in range(5)] + [nn.Conv2d(24, 48, 1, bias=False)]
@@ -481,12 +490,12 @@ def test_layer_projections_reuse_no_buffer_between_layers(threads, residual):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        results = compute_layer_projections(layers, plan, residual=residual)
+        results = _compute_layer_projections(layers, plan, C(residual=residual))
         kept = [new.clone() for _, new, _ in results]
-        compute_layer_projections(layers[::-1], plan, residual=residual)  # reuses the buffers again
+        _compute_layer_projections(layers[::-1], plan, C(residual=residual))  # reuses the buffers again
         torch.set_num_threads(1)
-        alone = [lrpet_project(l.conv.weight, plan[l.name], residual=residual,
-                               bn_scale=None if l.bn is None else bn_scale_of(l.bn)) for l in layers]
+        alone = [lrpet_project(l.conv.weight, plan[l.name], config=C(residual=residual),
+                               bn_scale=None if l.bn is None else _bn_scale(l.bn)) for l in layers]
     finally:
         torch.set_num_threads(before)
     ptrs = set()
@@ -497,3 +506,63 @@ def test_layer_projections_reuse_no_buffer_between_layers(threads, residual):
         assert new.untyped_storage().data_ptr() != layer.conv.weight.untyped_storage().data_ptr()
         ptrs.add(new.untyped_storage().data_ptr())
     assert torch.count_nonzero(results[4][1]) == 0
+
+
+# --- the config object ---------------------------------------------------------------------------
+def test_config_defaults_validation_and_names():
+    c = LRPETConfig()
+    assert (c.effective_ratio, c.interval, c.ridge, c.energy_transfer, c.bn_rectification) == (0.5, 500, 1e-5, True, True)
+    assert LRPETConfig(target_macs_cut=0.3).effective_ratio is None
+    with pytest.raises(Exception):
+        c.ridge = 1.0  # frozen
+    with pytest.raises(TypeError, match="read-only"):
+        LRPETConfig(overrides={"a*": 0.2}).overrides["b"] = 0.1
+    assert hash(LRPETConfig(overrides={"a*": 0.2})) == hash(LRPETConfig(overrides={"a*": 0.2}))
+    assert LRPETConfig(include=("backbone.res3.0.conv1", "backbone.*"), overrides={"x.y": 0.2}).explicit_names() == (
+        "backbone.res3.0.conv1", "x.y")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['ratoi'\]"):
+        LRPETConfig.from_kwargs({"ratoi": 0.5})
+    with pytest.raises(ValueError, match=r"^cfg\.LRPET\.RIDGE \(lambda\) must be a finite number >= 0, got -1"):
+        LRPETConfig.from_kwargs({"ridge": -1}, display=lambda n: f"cfg.LRPET.{n.upper()}")
+    with pytest.raises(ValueError, match=r"^LRPETHook: interval must be an integer >= 1"):
+        LRPETConfig.from_kwargs({"interval": 0}, who="LRPETHook")
+    assert LRPETConfig(plan_input_size=64).plan_input_size == (64, 64)
+    assert LRPETConfig.from_kwargs(c.to_dict()) == c  # plain data round trip
+
+
+# --- the energy rank policy ----------------------------------------------------------------------
+def _dropped(plan, spectra):
+    total = 0.0
+    for name, lp in plan.layers.items():
+        sq = [v * v for v in spectra[name]]
+        total += sum(sq[lp.rank:]) / sum(sq)
+    return total
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_energy_policy_keeps_more_energy_for_the_same_cut(target):
+    """Per-layer ranks from a Lagrangian allocation: the cut is reached, and the energy dropped (summed
+    over layers, as fractions) is no more than the uniform ratio's for the same cut."""
+    g = torch.Generator().manual_seed(0)
+    spectra = {}
+    for i, s in enumerate(SPECS):  # spectra decaying at different speeds per layer
+        m = s.full_rank
+        spectra[s.name] = (torch.exp(-torch.arange(m, dtype=torch.float64) / (m * (0.05 + 0.3 * i)))
+                           * (1 + 0.01 * torch.rand(m, generator=g, dtype=torch.float64))).sort(descending=True)[0].tolist()
+    uniform = build_rank_plan(SPECS, C(target_macs_cut=target))
+    energy = build_rank_plan(SPECS, C(target_macs_cut=target, rank_policy="energy"), spectra=spectra)
+    assert energy.reached_macs_cut >= target and energy.policy == "energy"
+    assert len(set(lp.ratio for lp in energy.layers.values())) > 1  # really per layer
+    if energy.reached_macs_cut <= uniform.reached_macs_cut:
+        assert _dropped(energy, spectra) <= _dropped(uniform, spectra) + 1e-12
+    with pytest.raises(ValueError, match="spectra"):
+        build_rank_plan(SPECS, C(target_macs_cut=target, rank_policy="energy"))
+    from lrpet_dense.core import RankPlan as RP
+    assert RP.from_dict(energy.to_dict()).policy == "energy"
+
+
+def test_package_exports_the_core_api():
+    import lrpet_dense
+    import lrpet_dense.core as core
+
+    assert lrpet_dense.__all__ == core.__all__ and all(getattr(lrpet_dense, n) is getattr(core, n) for n in core.__all__)

@@ -28,14 +28,17 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 
-from lrpet_dense.core import FactorizedConv2d, LRPETProjector, build_rank_plan, layer_specs  # noqa: E402
-from lrpet_dense.detectron2 import (LRPETHook, add_lrpet_config, build_lrpet_plan, compress_model_,  # noqa: E402
-                                    insert_before_checkpointer, pair_convs, pairing_from_cfg, plan_from_checkpoint)
+from lrpet_dense.core import FactorizedConv2d, LRPETConfig, build_rank_plan  # noqa: E402
+from lrpet_dense.core.selection import layer_specs  # noqa: E402
+from lrpet_dense.detectron2 import (LRPETHook, add_lrpet_config, build_plan, compress_model_,  # noqa: E402
+                                    insert_before_checkpointer, lrpet_config, pair_convs, plan_from_checkpoint)
+from lrpet_dense.detectron2.hook import default_plan_hw  # noqa: E402
 
 # The settings and the uninterrupted run are shared with tests/test_faults.py (tests/conftest.py).
 from conftest import D2_TINY as TINY  # noqa: E402
 from conftest import D2_TOY_CFG as TOY_CFG  # noqa: E402
-from conftest import REPO, d2_train, run_tool  # noqa: E402
+from conftest import REPO, d2_train, macs_cut, run_tool  # noqa: E402
+from lrpet_dense.configs import config_path  # noqa: E402
 
 PROJECTED_AT = [2, 4, 5]  # every INTERVAL steps, and after the last step
 
@@ -101,9 +104,9 @@ def compressed(run_a, tmp_path_factory):
 def test_config_keys_and_parser():
     cfg = get_cfg()
     add_lrpet_config(cfg)
-    for key in ("ENABLED", "RATIO", "TARGET_MACS_CUT", "OVERRIDES", "INCLUDE", "EXCLUDE", "INCLUDE_FROZEN",
-                "INTERVAL", "BEGIN", "ENERGY_TRANSFER", "BN_RECTIFICATION", "RIDGE", "RESIDUAL"):
-        assert key in cfg.LRPET
+    # one key per LRPETConfig field (and the ENABLED switch), with that class's defaults
+    assert set(cfg.LRPET) == {"ENABLED"} | {f.upper() for f in LRPETConfig.field_names()}
+    assert lrpet_config(cfg) == LRPETConfig()
     sys.path.insert(0, str(REPO / "tools"))
     try:
         import train_det
@@ -115,7 +118,7 @@ def test_config_keys_and_parser():
     for name in ("faster_rcnn_lrpet.yaml", "faster_rcnn_baseline.yaml", "faster_rcnn_fpn_lrpet.yaml"):
         c = get_cfg()
         add_lrpet_config(c)
-        c.merge_from_file(str(REPO / "configs" / name))
+        c.merge_from_file(str(Path(config_path(name))))
         assert c.DATASETS.TEST == ("voc_2007_test",) and c.MODEL.WEIGHTS.startswith("detectron2://")
         assert c.LRPET.ENABLED == ("lrpet" in name)
     assert c.LRPET.TARGET_MACS_CUT == 0.5
@@ -144,29 +147,33 @@ def test_pairing_detectron2_norms():
     notes = " ".join(p.notes)
     assert "backbone.gn" in notes and "backbone.plain" in notes and "backbone.depthwise" in notes
     assert "backbone.no_norm" not in notes  # a conv without norm is a clean case: projected without BNR
-    assert "frozen" in pairs.keys() | {l.name.split(".")[-1] for l in pair_convs(model, include_frozen=True).layers}
+    assert "frozen" in pairs.keys() | {l.name.split(".")[-1]
+                                       for l in pair_convs(model, LRPETConfig(include_frozen=True)).layers}
     with pytest.raises(ValueError, match="matches no"):
-        pair_convs(model, include=["backbone.nothing*"])
+        pair_convs(model, LRPETConfig(include=("backbone.nothing*",)))
+    # a filter_fn keeps only what it accepts (torchao's convention: module, fully qualified name)
+    only_1x1 = pair_convs(model, filter_fn=lambda conv, name: conv.kernel_size == (1, 1))
+    assert {l.name.split(".")[-1] for l in only_1x1.layers} == {"sync_bn", "no_norm", "gn", "plain"}
 
 
 def test_default_selection_c4_and_fpn():
     c4 = build_model(toy_cfg())
-    p = pairing_from_cfg(toy_cfg(), c4)
+    p = pair_convs(c4, lrpet_config(toy_cfg()))
     assert any(n.startswith("roi_heads.res5.") for n in p.names)
     assert not any(n.startswith(("backbone.stem", "backbone.res2")) for n in p.names)  # FREEZE_AT=2
     assert set(p.frozen_skipped) == {n for n, m in c4.named_modules() if isinstance(m, nn.Conv2d)
                                      and n.startswith(("backbone.stem", "backbone.res2"))}
     assert all(l.bn is not None for l in p.layers) and not p.notes
 
-    fpn_cfg = toy_cfg(config=REPO / "configs" / "faster_rcnn_fpn_lrpet.yaml")
+    fpn_cfg = toy_cfg(config=Path(config_path("faster_rcnn_fpn_lrpet.yaml")))
     fpn_cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "BN", "INPUT.MIN_SIZE_TEST", "128"])
     fpn = build_model(fpn_cfg)
-    p = pairing_from_cfg(fpn_cfg, fpn)
+    p = pair_convs(fpn, lrpet_config(fpn_cfg))
     # the ResNet (trained stages) and the FPN's lateral/output convs (no norm: no BN rectification)
     assert p.names and all(n.startswith(("backbone.bottom_up.res", "backbone.fpn_")) for n in p.names)
     fpn_convs = [n for n in p.names if n.startswith("backbone.fpn_")]
     assert len(fpn_convs) == 8 and all(l.bn is None for l in p.layers if l.name in fpn_convs)
-    plan = build_lrpet_plan(fpn_cfg, fpn, p.layers)
+    plan = build_plan(fpn, p.layers, lrpet_config(fpn_cfg), default_plan_hw(fpn_cfg))
     assert 0.5 <= plan.reached_macs_cut < 0.52 and plan.target_macs_cut == 0.5
     # the cut is a fraction of all of model.backbone's convs (what FlopCountAnalysis calls the backbone)
     assert plan.reference_macs > plan.macs_before > 0
@@ -190,8 +197,8 @@ def test_hook_schedule_storage_and_state():
     for l in layers:  # BN scales far from 1, so BN rectification matters
         l.bn.running_var.uniform_(0.05, 0.2)
         l.bn.momentum = 0.0
-    plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), 0.5)
-    hook = LRPETHook(model, layers, plan, LRPETProjector(interval=3))
+    plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
+    hook = LRPETHook(model, layers, plan, LRPETConfig(interval=3))
     data = iter(lambda: torch.randn(2, 3, 8, 8), None)
     trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01))
     trainer.register_hooks([hook])
@@ -211,7 +218,7 @@ def test_hook_schedule_storage_and_state():
     torch.save(state, buf)  # plain data: round-trips through the weights-only loader
     assert torch.load(io.BytesIO(buf.getvalue()), weights_only=True) == state
     assert state["projector"] == {"last_iter": 7, "num_projections": 3} and state["plan"] == plan.to_dict()
-    fresh = LRPETHook(model, layers, plan, LRPETProjector(interval=3))
+    fresh = LRPETHook(model, layers, plan, LRPETConfig(interval=3))
     fresh.load_state_dict(state)
     assert fresh.projector.last_iter == 7 and not fresh.projector.should_project(7, is_last=True)
 
@@ -309,10 +316,10 @@ def test_hook_resume_is_exact_in_simple_trainer():
         torch.manual_seed(0)
         model = _TinyModel()
         layers = pair_convs(model).layers
-        plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), 0.5)
+        plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
         g = torch.Generator().manual_seed(1)
         data = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(9)]
-        return model, LRPETHook(model, layers, plan, LRPETProjector(interval=3)), data
+        return model, LRPETHook(model, layers, plan, LRPETConfig(interval=3)), data
 
     def trainer_for(model, hook, data, start):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -352,9 +359,9 @@ def test_hook_resume_is_exact_in_simple_trainer():
 def test_compress_tool_reports_and_saves(compressed):
     path, text = compressed
     assert re.search(r"factorised \d+ of \d+ planned convs", text)
-    cut = float(re.search(r"backbone: params -[\d.]+%, MACs -([\d.]+)%", text).group(1))
+    cut = macs_cut(text)
     assert 49.0 <= cut <= 52.0  # fvcore's count of the backbone agrees with the 50% plan
-    assert re.search(r"model: params -[\d.]+%, MACs -[\d.]+%", text)
+    assert 0 < macs_cut(text, "model") and "detectron2 FlopCountAnalysis" in text  # (roi_heads.res5 counts there)
     ckpt = load(path)  # plain data and tensors only
     assert isinstance(ckpt["lrpet_plan"], dict) and ckpt["lrpet_factorized"]
 
@@ -367,8 +374,9 @@ def test_compressed_loads_and_predicts_like_dense(run_a, compressed, toy_voc):
     from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
 
-    from lrpet_dense.core import compare_outputs, float64_copy
-    from lrpet_dense.detectron2.deploy import load_model, prediction_tensors
+    from lrpet_dense.core import compare_outputs
+    from lrpet_dense.core.verify import float64_copy
+    from lrpet_dense.detectron2 import load_model, output_tensors
 
     out, _ = run_a
     path, _ = compressed
@@ -384,8 +392,8 @@ def test_compressed_loads_and_predicts_like_dense(run_a, compressed, toy_voc):
     images = sorted((Path(toy_voc) / "VOC2007" / "JPEGImages").glob("2007_*.jpg"))
     for img_path in images:
         image = torch.as_tensor(read_image(str(img_path), format="BGR").copy()).permute(2, 0, 1).double()
-        ref = prediction_tensors(float64_copy(dense), image)
-        errors = compare_outputs(ref, prediction_tensors(float64_copy(fact), image), rtol=1e-4)
+        ref = output_tensors(float64_copy(dense), image)
+        errors = compare_outputs(ref, output_tensors(float64_copy(fact), image), rtol=1e-4)
         assert {k.split(".")[0] for k in errors} == {"backbone", "rpn", "box_predictor"}
     # smoke: detectron2's predictor runs the compressed checkpoint and returns detections
     small = DefaultPredictor(toy_cfg("MODEL.WEIGHTS", str(path)))
@@ -414,7 +422,7 @@ def test_mismatched_checkpoints_are_clear_errors(run_a, compressed):
     out, _ = run_a
     path, _ = compressed
     # a compressed C4 checkpoint into an FPN config
-    fpn_cfg = toy_cfg(config=REPO / "configs" / "faster_rcnn_fpn_lrpet.yaml")
+    fpn_cfg = toy_cfg(config=Path(config_path("faster_rcnn_fpn_lrpet.yaml")))
     fpn_cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "BN"])
     with pytest.raises(ValueError, match="does not match this model/config"):
         DetectionCheckpointer(build_model(fpn_cfg)).load(str(path))

@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrpet_dense.core import ConvBN, DistributedProjectionError, project_layers_, project_layers_distributed_
+from lrpet_dense.core import ConvBN, DistributedProjectionError, project_
 from lrpet_dense.core.distributed import assign_layers, layer_cost
+from lrpet_dense.configs import config_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,10 +80,10 @@ def _core_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                                                    for n, m in mods.items() if isinstance(m, nn.BatchNorm2d)}}
         # Control: each rank projecting on its own gives different weights (its own BN statistics).
         alone = _core_model(rank)
-        project_layers_(_core_layers(alone), CORE_RANKS)
+        project_(_core_layers(alone), CORE_RANKS, distributed=False)
         result["alone"] = _weights(alone)
 
-        stats = project_layers_distributed_(layers, CORE_RANKS)
+        stats = project_(layers, CORE_RANKS)
         result["after"] = _weights(mods)
         result["stats"] = [tuple(s.__dict__.values()) for s in stats]
 
@@ -95,7 +96,7 @@ def _core_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         result["bad"] = bad
         result["before_failure"] = _weights(mods)
         try:
-            project_layers_distributed_(layers, CORE_RANKS)
+            project_(layers, CORE_RANKS)
             result["error"] = None
         except DistributedProjectionError as e:
             result["error"] = (str(e), e.layers)
@@ -103,7 +104,7 @@ def _core_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
         # An error that does not name its layer (e.g. a LAPACK failure) is traced to the layer.
         import lrpet_dense.core.distributed as core_dist
-        real = core_dist.compute_layer_projections
+        real = core_dist._compute_layer_projections
 
         injected = next(l.name for l, o in zip(layers, owners) if o == 0)
         result["injected_layer"] = injected
@@ -116,21 +117,21 @@ def _core_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         with torch.no_grad():
             mods[bad].weight.copy_(result["after"][bad])
         result["before_injected"] = _weights(mods)
-        core_dist.compute_layer_projections = flaky
+        core_dist._compute_layer_projections = flaky
         try:
-            project_layers_distributed_(layers, CORE_RANKS)
+            project_(layers, CORE_RANKS)
             result["injected"] = None
         except DistributedProjectionError as e:
             result["injected"] = (str(e), e.layers)
         finally:
-            core_dist.compute_layer_projections = real
+            core_dist._compute_layer_projections = real
         result["after_injected"] = _weights(mods)
         result["owners"] = owners
 
         # Ranks that disagree on the plan (a setup bug) get an error, not a hang or mixed weights.
         other = dict(CORE_RANKS, conv0=CORE_RANKS["conv0"] - rank)
         try:
-            project_layers_distributed_(layers, other)
+            project_(layers, other)
             result["mismatch"] = None
         except DistributedProjectionError as e:
             result["mismatch"] = str(e)
@@ -174,7 +175,7 @@ def test_core_ranks_bit_identical_and_equal_to_owner(core_run):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers, so the eigensolver takes the same path
     try:
-        stats = project_layers_(layers, CORE_RANKS)
+        stats = project_(layers, CORE_RANKS)
     finally:
         torch.set_num_threads(threads)
     for layer in layers:
@@ -206,8 +207,8 @@ def test_core_failure_on_one_rank_changes_nothing_anywhere(core_run):
 def test_core_falls_back_without_process_group():
     assert not dist.is_initialized()
     a, b = _core_model(0), _core_model(0)
-    s1 = project_layers_distributed_(_core_layers(a), CORE_RANKS)
-    s2 = project_layers_(_core_layers(b), CORE_RANKS)
+    s1 = project_(_core_layers(a), CORE_RANKS)
+    s2 = project_(_core_layers(b), CORE_RANKS)
     assert s1 == s2 and max_abs_diff(_weights(a), _weights(b)) == 0
 
 
@@ -247,7 +248,7 @@ def _d2_worker(devkit: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     cfg = get_cfg()
     add_lrpet_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "toy" / "faster_rcnn_lrpet_toy.yaml"))
+    cfg.merge_from_file(str(Path(config_path("toy/faster_rcnn_lrpet_toy.yaml"))))
     cfg.merge_from_list(D2_OPTS)
     register_toy_voc(devkit)
     torch.manual_seed(comm.get_rank())  # different init per rank: DDP must broadcast rank 0's
@@ -394,7 +395,7 @@ def test_mmseg_runner_pytorch_launcher_ranks_identical(tmp_path):
     rank_py.write_text(_MMSEG_RANK)
     cfg = tmp_path / "cfg.py"
     out = tmp_path / "ranks.json"
-    cfg.write_text(_MMSEG_CFG.format(base=str(REPO / "configs" / "toy" / "pspnet_r50-d8_lrpet_toy.py"), out=str(out)))
+    cfg.write_text(_MMSEG_CFG.format(base=str(Path(config_path("toy/pspnet_r50-d8_lrpet_toy.py"))), out=str(out)))
     env = dict(os.environ, LRPET_TOY_VOC_ROOT=str(data), OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

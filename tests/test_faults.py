@@ -26,7 +26,8 @@ from torch import nn
 
 from conftest import REPO, SEG_TOY_CFG, d2_train, d2_train_cmd, mmseg_tools, seg_env
 
-from lrpet_dense.core import LRPETProjector, ProjectionError, build_rank_plan, layer_specs
+from lrpet_dense.core import LRPETConfig, ProjectionError, build_rank_plan
+from lrpet_dense.core.selection import layer_specs
 import lrpet_dense.core.projection as projection_mod
 from lrpet_dense.io import atomic_save
 
@@ -118,15 +119,15 @@ def test_mmseg_sigkill_then_resume_equals_uninterrupted(seg_run, seg_toy_data, t
 
 # ------------------------------------------------------------------------------ failing projection
 def _fail_on(layer_name: str, times: int = 1):
-    """A ``compute_projection`` that raises for ``layer_name`` (the first ``times`` calls)."""
-    real = projection_mod.compute_projection
+    """A ``_compute_projection`` that raises for ``layer_name`` (the first ``times`` calls)."""
+    real = projection_mod._compute_projection
     calls = {"n": 0}
 
-    def fake(weight, rank, *, name="weight", **kw):
+    def fake(weight, rank, bn_scale, config, name="weight"):
         if name == layer_name and calls["n"] < times:
             calls["n"] += 1
             raise RuntimeError("injected failure")
-        return real(weight, rank, name=name, **kw)
+        return real(weight, rank, bn_scale, config, name=name)
     return fake
 
 
@@ -152,8 +153,8 @@ def _d2_setup(on_error: str):
     torch.manual_seed(0)
     model = _D2Model()
     layers = pair_convs(model).layers
-    plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), 0.5)
-    hook = LRPETHook(model, layers, plan, LRPETProjector(interval=3, on_error=on_error))
+    plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
+    hook = LRPETHook(model, layers, plan, LRPETConfig(interval=3, on_error=on_error))
 
     class Snapshot(HookBase):  # the weights right before the projection of each step
         def after_step(self):
@@ -170,7 +171,7 @@ def _d2_setup(on_error: str):
 def test_detectron2_failure_midway_raise_changes_nothing(monkeypatch):
     model, layers, _, _, trainer, snap = _d2_setup("raise")
     assert layers[4].name == "backbone.4"
-    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.4"))
+    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.4"))
     with pytest.raises(ProjectionError, match=r"after step 3 .*'backbone\.4'.*injected failure") as err:
         trainer.train(0, 7)
     assert err.value.iteration == 3 and trainer.iter == 2  # stopped in the step that projects
@@ -180,7 +181,7 @@ def test_detectron2_failure_midway_raise_changes_nothing(monkeypatch):
 
 def test_detectron2_failure_midway_skip_trains_on(monkeypatch, caplog):
     model, layers, plan, hook, trainer, _ = _d2_setup("skip")
-    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.4"))
+    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.4"))
     with caplog.at_level("ERROR", logger="lrpet_dense.core.schedule"):
         trainer.train(0, 7)
     assert trainer.iter == 7  # training went on to the end
@@ -219,7 +220,7 @@ def test_mmseg_failure_midway_raise_changes_nothing(monkeypatch):
     model, hook, runner = _seg_setup("raise")
     assert hook._layers[4].name == "backbone.8"  # the fifth conv
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.8"))
+    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.8"))
     runner.iter = 1  # after iteration 2
     with pytest.raises(ProjectionError, match=r"after step 2 .*'backbone\.8'.*injected failure"):
         hook.after_train_iter(runner, 1)
@@ -231,7 +232,7 @@ def test_mmseg_failure_midway_raise_changes_nothing(monkeypatch):
 def test_mmseg_failure_midway_skip_trains_on(monkeypatch, caplog):
     model, hook, runner = _seg_setup("skip")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.8"))
+    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.8"))
     runner.iter = 1
     with caplog.at_level("ERROR", logger="lrpet_dense.core.schedule"):
         hook.after_train_iter(runner, 1)  # fails, is logged, nothing changes
@@ -255,8 +256,8 @@ def test_detectron2_nan_weights_reported_with_layer_and_step():
 
     model = _D2Model()
     layers = pair_convs(model).layers
-    plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), 0.5)
-    hook = LRPETHook(model, layers, plan, LRPETProjector(interval=3))
+    plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
+    hook = LRPETHook(model, layers, plan, LRPETConfig(interval=3))
     with torch.no_grad():
         model.backbone[2].weight[0, 0, 0, 0] = float("nan")
         model.backbone[3].weight[1, 1, 1, 1] = float("inf")
@@ -373,7 +374,7 @@ def test_compress_seg_interrupted_save(seg_small_ckpts, tmp_path, monkeypatch):
     out_dir.mkdir()
     monkeypatch.setenv("LRPET_TOY_VOC_ROOT", str(tmp_path))  # the config's data root; no data is read
     # the MAC count (get_model_complexity_info) is irrelevant here and slow: a stand-in
-    monkeypatch.setattr(lrpet_dense.mmseg, "complexity",
+    monkeypatch.setattr(lrpet_dense.mmseg, "count_complexity",
                         lambda model, hw: {k: {"params": 1, "macs": 1} for k in ("backbone", "model")})
     monkeypatch.setattr(torch, "save", _failing_save)
     with pytest.raises(KeyboardInterrupt):

@@ -23,11 +23,12 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 import lrpet_dense.mmseg as lm  # noqa: E402
-from lrpet_dense.core import FactorizedConv2d, RankPlan  # noqa: E402
+from lrpet_dense.core import FactorizedConv2d, LRPETConfig, RankPlan  # noqa: E402
+from lrpet_dense.configs import config_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TOY_CFG = REPO / "configs" / "toy" / "pspnet_r50-d8_lrpet_toy.py"
-FULL_CFG = REPO / "configs" / "pspnet_r50-d8_lrpet_voc12aug-512x512.py"
+TOY_CFG = Path(config_path("toy/pspnet_r50-d8_lrpet_toy.py"))
+FULL_CFG = Path(config_path("pspnet_r50-d8_lrpet_voc12aug-512x512.py"))
 MMSEG_TOOLS = Path(mmseg.__file__).parent / ".mim" / "tools"
 
 pytestmark = pytest.mark.timeout(600)
@@ -147,7 +148,8 @@ def test_compressed_checkpoint_loads_with_init_model(compressed, train_run, toy_
     before the argmax) compared in float64, so it holds on any CPU. ``inference_model`` is a smoke test."""
     from mmseg.apis import inference_model, init_model
 
-    from lrpet_dense.core import compare_outputs, float64_copy
+    from lrpet_dense.core import compare_outputs
+    from lrpet_dense.core.verify import float64_copy
 
     path, _ = compressed
     ckpt = _load(path)
@@ -208,7 +210,8 @@ def full_model():
 
 def test_pairing_resnetv1c_and_convmodule(full_model):
     _, model = full_model
-    pairs, unpaired, frozen = lm.pair_conv_bn(model, include=["*"])
+    pairing = lm.pair_convs(model, LRPETConfig(include=("*",)))
+    pairs, unpaired, frozen = pairing.layers, pairing.unpaired, pairing.frozen_skipped
     by = {p.name: p for p in pairs}
     assert by["backbone.stem.0"].bn is model.backbone.stem[1]
     assert by["backbone.layer1.0.conv2"].bn is model.backbone.layer1[0].bn2
@@ -217,28 +220,31 @@ def test_pairing_resnetv1c_and_convmodule(full_model):
     assert isinstance(by["backbone.layer1.0.conv1"].bn, torch.nn.SyncBatchNorm)
     assert set(unpaired) == {"decode_head.conv_seg", "auxiliary_head.conv_seg"}
     assert not frozen
-    backbone, unpaired_bb, _ = lm.pair_conv_bn(model)
-    assert len(backbone) == 55 and not unpaired_bb
+    backbone = lm.pair_convs(model)
+    assert len(backbone.layers) == 55 and not backbone.unpaired
 
 
 def test_full_config_plans_a_30_percent_backbone_cut(full_model):
     cfg, model = full_model
-    hook_cfg = dict(cfg.custom_hooks[0])
-    assert hook_cfg.pop("type") == "LRPETHook"
-    hook = lm.LRPETHook(**hook_cfg)
-    pairs, _, _ = lm.pair_conv_bn(model, hook.include, hook.exclude)
-    plan = lm.build_seg_plan(model, pairs, target_macs_cut=hook.target_macs_cut, input_size=(512, 512))
+    config = lm.lrpet_config(cfg)  # the config's LRPETHook options
+    assert config.target_macs_cut == 0.3 and config == lm.LRPETHook(**{k: v for k, v in dict(
+        cfg.custom_hooks[0]).items() if k != "type"}).config
+    plan = lm.build_plan(model, lm.pair_convs(model, config).layers, config)
     assert 0.30 <= plan.reached_macs_cut < 0.31
     assert 0.40 < plan.ratio < 0.46  # METHOD.md: p = 0.43 -> ~31%
-    assert plan.reference_macs == lm.backbone_conv_macs(model, (512, 512))
+    # the reference is every conv of the backbone, from the crop size (512x512) of the config
+    from lrpet_dense.core.selection import conv_macs_of, conv_names, output_sizes
+    names = conv_names(model, "backbone.")
+    sizes = output_sizes(model, names, lambda: model.backbone(torch.zeros(1, 3, 512, 512)))
+    assert plan.reference_macs == conv_macs_of(model, names, sizes)
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(), "exactly one of ratio"),
-    (dict(ratio=0.5, target_macs_cut=0.3), "exactly one of ratio"),
+    (dict(ratio=0.5, target_macs_cut=0.3), "give one of ratio .* not both"),
     (dict(ratio=1.0), r"ratio must lie in \[0, 1\)"),
-    (dict(target_macs_cut=0.0), r"target_macs_cut must lie in \(0, 1\)"),
-    (dict(ratio=0.5, interval=0), "interval must be a positive integer"),
+    (dict(target_macs_cut=1.0), r"target_macs_cut must lie in \(0, 1\)"),
+    (dict(ratio=0.5, interval=0), "interval must be an integer >= 1"),
+    (dict(ratoi=0.5), r"unknown option\(s\) \['ratoi'\]"),
     (dict(ratio=0.5, residual=2.0), "residual"),
     (dict(ratio=0.5, ridge=-1.0), "ridge"),
     (dict(ratio=0.5, overrides={"backbone.*": 1.5}), "overrides"),
@@ -247,7 +253,7 @@ def test_full_config_plans_a_30_percent_backbone_cut(full_model):
     (dict(ratio=0.5, plan_input_size=(64,)), "plan_input_size"),
 ])
 def test_hook_validates_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match="^LRPETHook: " + match):
         lm.LRPETHook(**kwargs)
 
 
@@ -266,10 +272,10 @@ def test_frozen_stages_are_skipped_by_default():
     cfg.model.pretrained = None
     cfg.model.backbone.update(norm_cfg=dict(type="BN", requires_grad=True), frozen_stages=1)
     model = MODELS.build(cfg.model)
-    pairs, _, frozen = lm.pair_conv_bn(model)
-    assert "backbone.stem.0" in frozen and "backbone.layer1.0.conv1" in frozen
-    assert "backbone.layer2.0.conv1" in {p.name for p in pairs}
-    pairs_all, _, none = lm.pair_conv_bn(model, skip_frozen=False)
-    assert len(pairs_all) == 55 and not none
+    pairing = lm.pair_convs(model)
+    assert "backbone.stem.0" in pairing.frozen_skipped and "backbone.layer1.0.conv1" in pairing.frozen_skipped
+    assert "backbone.layer2.0.conv1" in pairing.names
+    everything = lm.pair_convs(model, LRPETConfig(include_frozen=True))
+    assert len(everything.layers) == 55 and not everything.frozen_skipped
 
 

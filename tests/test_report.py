@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import D2_TINY, D2_TOY_CFG, SEG_TOY_CFG, run_tool
-from lrpet_dense.core import RankPlan, build_rank_plan
+from lrpet_dense.core import LRPETConfig, RankPlan, build_rank_plan
 from lrpet_dense.core.rank import LayerSpec
 from lrpet_dense.report import (load_projection_history, measure_latency, render_markdown, spectra_layers,
                                 write_report, write_summary)
@@ -43,7 +43,7 @@ def assert_png(path, min_bytes=5000):
 # -- the framework-free writer ---------------------------------------------------------------------
 def _synthetic_data():
     specs = [LayerSpec(f"backbone.layer{i}.conv", (64, 32, 3, 3), (8, 8)) for i in range(5)]
-    plan = build_rank_plan(specs, 0.5)
+    plan = build_rank_plan(specs, LRPETConfig(ratio=0.5))
     g = torch.Generator().manual_seed(0)
     spectra = {n: {"rank": plan[n].rank, "initial": sorted(torch.rand(64, generator=g).tolist(), reverse=True),
                    "final": sorted(torch.rand(64, generator=g).tolist(), reverse=True)[:plan[n].rank] + [0.0] * 32}
@@ -157,7 +157,7 @@ def test_d2_report_numbers_are_measured(d2_report, d2_toy_voc):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from lrpet_dense.detectron2 import add_lrpet_config, count_flops_params, plan_from_checkpoint
+    from lrpet_dense.detectron2 import add_lrpet_config, count_complexity, plan_from_checkpoint
 
     out, compressed, rep, _ = d2_report
     data = json.loads((rep / "report.json").read_text())
@@ -170,9 +170,9 @@ def test_d2_report_numbers_are_measured(d2_report, d2_toy_voc):
     cfg.merge_from_list(list(D2_TINY) + ["MODEL.WEIGHTS", ""])
     model = build_model(cfg)
     DetectionCheckpointer(model).load(str(compressed))
-    c = count_flops_params(model, tuple(data["input_size"]))
+    c = count_complexity(model, tuple(data["input_size"]))
     for part in ("backbone", "model"):
-        assert data["complexity"]["factorized"][part] == {"params": c["params"][part], "macs": c["flops"][part]}
+        assert data["complexity"]["factorized"][part] == c[part]
         assert data["complexity"]["factorized"][part]["macs"] < data["complexity"]["dense"][part]["macs"]
     # the projection history is what detectron2's JSONWriter wrote
     metrics = [json.loads(l) for l in (out / "metrics.json").read_text().splitlines() if l.strip()]
@@ -223,7 +223,7 @@ def test_seg_report_numbers_are_measured(seg_report, seg_toy_data):
     from mmengine.config import Config
     from mmseg.apis import init_model
 
-    from lrpet_dense.mmseg import complexity
+    from lrpet_dense.mmseg import count_complexity
 
     run, compressed, rep, _ = seg_report
     data = json.loads((rep / "report.json").read_text())
@@ -232,7 +232,7 @@ def test_seg_report_numbers_are_measured(seg_report, seg_toy_data):
     with mock.patch.dict(os.environ, {"LRPET_TOY_VOC_ROOT": str(seg_toy_data)}):
         cfg = Config.fromfile(str(SEG_TOY_CFG))
     model = init_model(copy.deepcopy(cfg), str(compressed), device="cpu")
-    c = complexity(model, tuple(data["input_size"]))
+    c = count_complexity(model, tuple(data["input_size"]))
     assert data["complexity"]["factorized"] == c
     scalars = [json.loads(l) for f in sorted(run.glob("*/vis_data/scalars.json")) for l in f.read_text().splitlines()
                if l.strip()]

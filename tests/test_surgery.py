@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from lrpet_dense.core import (FactorizedConv2d, LayerSpec, OutputMismatchError, build_rank_plan, compare_outputs,
-                              compressed_state_dict, enable_compressed_loading_, factorize_, float64_copy, lrpet_project,
-                              model_plan, rank_excess)
+from lrpet_dense.core import (FactorizedConv2d, LayerSpec, LRPETConfig, OutputMismatchError, build_rank_plan,
+                              compare_outputs, enable_compressed_loading_, factorize_, lrpet_project)
 from lrpet_dense.core import factorize as factorize_module
+from lrpet_dense.core.factorize import compressed_state_dict, model_plan
+from lrpet_dense.core.verify import float64_copy, rank_excess
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -107,10 +108,10 @@ def test_surgery_is_undone_when_a_swap_fails(monkeypatch):
 
 def test_plan_leaves_dense_the_layers_that_would_not_save():
     specs = [LayerSpec("square1x1", (64, 64, 1, 1), (8, 8)), LayerSpec("wide3x3", (64, 64, 3, 3), (8, 8))]
-    plan = build_rank_plan(specs, 0.5)  # rank 32 of a 64x64 1x1 conv: 32 x (64 + 64) = 64 x 64 MACs
+    plan = build_rank_plan(specs, LRPETConfig(ratio=0.5))  # rank 32 of a 64x64 1x1 conv: 32 x 128 = 64 x 64 MACs
     assert list(plan.layers) == ["wide3x3"] and plan.left_dense == ["square1x1"]
     assert "left dense and not projected" in plan.format_table()
-    named = build_rank_plan(specs, 0.5, project_unfactorized=["square1x1"])  # asked for by name
+    named = build_rank_plan(specs, LRPETConfig(ratio=0.5, include=("square1x1", "wide*")))  # asked for by name
     assert list(named.layers) == ["square1x1", "wide3x3"] and not named.left_dense
     # the MAC cut is measured against every selected layer, the one left dense included
     assert plan.reference_macs == sum(64 * 64 * k * 64 for k in (1, 9))

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import D2_TINY, D2_TOY_CFG, REPO, SEG_TOY_CFG, mmseg_tools, run_tool, seg_env
+from conftest import D2_TINY, D2_TOY_CFG, REPO, SEG_TOY_CFG, macs_cut, mmseg_tools, run_tool, seg_env
+from lrpet_dense.configs import config_path  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 
-FPN_TOY_CFG = REPO / "configs" / "toy" / "faster_rcnn_fpn_lrpet_toy.yaml"
+FPN_TOY_CFG = Path(config_path("toy/faster_rcnn_fpn_lrpet_toy.yaml"))
 
 
 def run_failing(args, env_extra=None, cwd=REPO, timeout=420):
@@ -79,7 +80,7 @@ def test_fpn_compress_counts_and_replaces_the_fpn_lists(fpn_run):
     from lrpet_dense.detectron2.deploy import load_model
 
     out, compressed, _, text = fpn_run
-    cut = float(re.search(r"backbone: params -[\d.]+%, MACs -([\d.]+)%", text).group(1))
+    cut = macs_cut(text)
     assert 49.0 <= cut <= 52.0  # FlopCountAnalysis ran (it failed on the bypassed convs before)
     model, _ = load_model(_d2_cfg(FPN_TOY_CFG), str(compressed))
     fpn = model.backbone
@@ -90,8 +91,9 @@ def test_fpn_compress_counts_and_replaces_the_fpn_lists(fpn_run):
 def test_fpn_factorised_equals_dense_in_float64(fpn_run, d2_toy_voc):
     from detectron2.data.detection_utils import read_image
 
-    from lrpet_dense.core import compare_outputs, float64_copy
-    from lrpet_dense.detectron2.deploy import load_model, prediction_tensors
+    from lrpet_dense.core import compare_outputs
+    from lrpet_dense.core.verify import float64_copy
+    from lrpet_dense.detectron2 import load_model, output_tensors
 
     out, compressed, _, _ = fpn_run
     cfg = _d2_cfg(FPN_TOY_CFG)
@@ -99,8 +101,8 @@ def test_fpn_factorised_equals_dense_in_float64(fpn_run, d2_toy_voc):
     fact, _ = load_model(cfg, str(compressed))
     img = sorted((Path(d2_toy_voc) / "VOC2007" / "JPEGImages").glob("*.jpg"))[0]
     image = torch.as_tensor(read_image(str(img), format="BGR").copy()).permute(2, 0, 1).double()
-    errors = compare_outputs(prediction_tensors(float64_copy(dense), image),
-                             prediction_tensors(float64_copy(fact), image), rtol=1e-4)
+    errors = compare_outputs(output_tensors(float64_copy(dense), image),
+                             output_tensors(float64_copy(fact), image), rtol=1e-4)
     assert {k for k in errors if k.startswith("backbone.")} == {f"backbone.p{i}" for i in range(2, 7)}
 
 

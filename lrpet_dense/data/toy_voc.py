@@ -28,7 +28,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["VOC_CLASSES", "TOY_CLASSES", "make_toy_voc"]
+__all__ = ["VOC_CLASSES", "TOY_CLASSES", "make_toy_voc", "write_voc"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +97,13 @@ def _draw_scene(rng: random.Random, size: int, max_objects: int = 3, object_size
     return img, mask, objects
 
 
-def _xml(image_id: str, size: int, objects: Sequence[Tuple[str, Tuple[int, int, int, int]]], folder: str) -> str:
+def _xml(image_id: str, size: int, objects: Sequence[tuple], folder: str) -> str:
+    """VOC XML of ``objects``: ``(class, (x0, y0, x1, y1))`` or ``(class, box, difficult)``."""
     objs = "".join(
-        f"<object><name>{escape(c)}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>"
-        f"<bndbox><xmin>{b[0] + 1}</xmin><ymin>{b[1] + 1}</ymin><xmax>{b[2] + 1}</xmax><ymax>{b[3] + 1}</ymax>"
-        f"</bndbox></object>" for c, b in objects)
+        f"<object><name>{escape(o[0])}</name><pose>Unspecified</pose><truncated>0</truncated>"
+        f"<difficult>{int(o[2]) if len(o) > 2 else 0}</difficult><bndbox><xmin>{o[1][0] + 1}</xmin>"
+        f"<ymin>{o[1][1] + 1}</ymin><xmax>{o[1][2] + 1}</xmax><ymax>{o[1][3] + 1}</ymax></bndbox></object>"
+        for o in objects)
     return (f"<annotation><folder>{folder}</folder><filename>{image_id}.jpg</filename>"
             f"<size><width>{size}</width><height>{size}</height><depth>3</depth></size>"
             f"<segmented>1</segmented>{objs}</annotation>\n")
@@ -137,6 +139,16 @@ def make_toy_voc(root: str, num_train: int = 48, num_test: int = 16, size: int =
                          f"got {object_size!r} for size {size}")
     if not (math.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    return write_voc(root, lambda rng: _draw_scene(rng, size, max_objects, object_size, noise), num_train, num_test,
+                     size, seed, "toy")
+
+
+def write_voc(root: str, draw, num_train: int, num_test: int, size: int, seed: int, what: str = "toy") -> str:
+    """Write a ``VOCdevkit`` (``VOC2007`` detection splits, ``VOC2012`` segmentation splits) of scenes
+    from ``draw(rng) -> (RGB image, label mask, [(class, box, difficult?)...])``; return its path.
+
+    Masks hold VOC class indices (255 = ignored border) as palette PNGs; boxes go to the XML files.
+    """
     devkit = os.path.join(root, "VOCdevkit")
     pal = _palette()
     for year in ("2007", "2012"):
@@ -146,7 +158,7 @@ def make_toy_voc(root: str, num_train: int = 48, num_test: int = 16, size: int =
             os.makedirs(os.path.join(base, sub), exist_ok=True)
         ids = [f"{year}_{i:06d}" for i in range(num_train + num_test)]
         for image_id in ids:
-            img, mask, objects = _draw_scene(rng, size, max_objects, object_size, noise)
+            img, mask, objects = draw(rng)
             img.save(os.path.join(base, "JPEGImages", image_id + ".jpg"), quality=95)
             mask.putpalette(pal)
             mask.save(os.path.join(base, "SegmentationClass", image_id + ".png"))
@@ -158,7 +170,8 @@ def make_toy_voc(root: str, num_train: int = 48, num_test: int = 16, size: int =
             for sub in ("Main", "Segmentation"):
                 with open(os.path.join(base, "ImageSets", sub, split + ".txt"), "w") as f:
                     f.write("\n".join(split_ids) + "\n")
-    logger.info("wrote a toy VOC dataset (%d train, %d test images of %dpx) to %s", num_train, num_test, size, devkit)
+    logger.info("wrote a %s VOC dataset (%d train, %d test images of %dpx) to %s", what, num_train, num_test, size,
+                devkit)
     return devkit
 
 

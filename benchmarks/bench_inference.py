@@ -1,9 +1,13 @@
-"""CPU inference latency of dense vs LRPET-factorised ResNet-50 models, next to their MACs ratio.
+"""Inference latency of dense vs LRPET-factorised ResNet-50 models, next to their MACs ratio.
 
-For each requested backbone MAC cut (or rank ratio ``p``) the real models are built from the
-project's configs, their planned convs are projected to rank ``k`` (so the factorised model is
-exact) and factorised with the library's own ``compress_model_``; then the dense and factorised
-models are timed in eval mode under ``torch.inference_mode``:
+For each requested plan (a backbone MAC cut, a rank ratio ``p``, or a cut of the measured per-layer
+latency; ranks optionally rounded to a multiple) the real models are built from the project's
+configs, their planned convs are projected to rank ``k`` (so the factorised model is exact) and
+factorised with the library's own ``compress_model_``; by default both the dense and the factorised
+model are then put in the deploy path's inference form (``to_inference_``: BatchNorm folded into the
+convs, channels_last on CPU, checked in float64), and timed in eval mode under
+``torch.inference_mode`` (``--onnx``: also exported to ONNX and timed in ONNX Runtime; ``--device
+cuda [--fp16]``: timed with CUDA events):
 
 * ``det``: detectron2 Faster R-CNN R50-C4 (``configs/faster_rcnn_lrpet.yaml``, random init): the
   backbone (stem..res4) and the whole model (RPN + ``Res5ROIHeads`` on ``--proposals`` boxes);
@@ -20,8 +24,9 @@ minimum wall time and from the process CPU time (which a busy machine inflates f
 ``--threads 1`` it is the idle latency). Run it on an idle machine for figures to publish.
 
     python benchmarks/bench_inference.py [--models det seg] [--cuts 0.3 0.5 | --ratios 0.43 0.6]
-        [--size 512] [--threads 1 2] [--repeat 10] [--channels-last [--onednn-1x1-everywhere]] [--proposals 100] [--stock-1x1]
-        [--parts backbone model] [--json PATH]
+        [--latency-cuts 0.3] [--rank-multiple 1 16] [--size 512] [--threads 1 2] [--repeat 10] [--no-deploy]
+        [--onnx] [--device cuda [--fp16]] [--channels-last [--onednn-1x1-everywhere]] [--proposals 100]
+        [--stock-1x1] [--parts backbone model] [--json PATH]
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -84,21 +89,29 @@ class DetBundle:
         g = torch.Generator().manual_seed(0)
         self.image = torch.rand(3, *hw, generator=g) * 255
 
-    def plan(self, model, cut: Optional[float], ratio: Optional[float]):
+    def plan(self, model, changes: dict):
         from lrpet_dense.detectron2 import build_plan, lrpet_config, pair_convs
         from lrpet_dense.detectron2.hook import default_plan_hw
 
-        cfg = self.cfg.clone()
-        cfg.LRPET.TARGET_MACS_CUT = float(cut or 0.0)
-        cfg.LRPET.RATIO = None if cut else float(ratio if ratio is not None else 0.5)
-        config = lrpet_config(cfg)
+        config = lrpet_config(self.cfg).replace(ratio=None, target_macs_cut=None).replace(**changes)
         layers = pair_convs(model, config).layers
-        return layers, build_plan(model, layers, config, default_plan_hw(cfg))
+        return layers, build_plan(model, layers, config, default_plan_hw(self.cfg))
 
     def compress_(self, model, plan) -> List[str]:
         from lrpet_dense.detectron2 import compress_model_
 
         return compress_model_(model, plan)
+
+    def deploy_(self, model):
+        from lrpet_dense.detectron2 import to_inference_
+
+        return to_inference_(model, check_hw=(128, 128))
+
+    def export_(self, model, path: str) -> List[torch.Tensor]:
+        from lrpet_dense.detectron2 import export_onnx
+
+        export_onnx(model, path, self.hw)
+        return [self.image]
 
     def count(self, model) -> Dict[str, int]:
         from lrpet_dense.detectron2 import count_complexity
@@ -141,11 +154,11 @@ class SegBundle:
         self.dense = MODELS.build(cfg.model).eval()
         self.image = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
 
-    def plan(self, model, cut: Optional[float], ratio: Optional[float]):
+    def plan(self, model, changes: dict):
         from lrpet_dense.core import LRPETConfig
         from lrpet_dense.mmseg import build_plan, pair_convs
 
-        config = LRPETConfig(ratio=None if cut else ratio, target_macs_cut=cut, plan_input_size=self.hw)
+        config = LRPETConfig(plan_input_size=self.hw).replace(**changes)
         layers = pair_convs(model, config).layers
         return layers, build_plan(model, layers, config)
 
@@ -153,6 +166,17 @@ class SegBundle:
         from lrpet_dense.mmseg import compress_model_
 
         return compress_model_(model, plan)
+
+    def deploy_(self, model):
+        from lrpet_dense.mmseg import to_inference_
+
+        return to_inference_(model)
+
+    def export_(self, model, path: str) -> List[torch.Tensor]:
+        from lrpet_dense.mmseg import export_onnx
+
+        export_onnx(model, path, self.hw)
+        return [torch.randn(1, 3, *self.hw, generator=torch.Generator().manual_seed(0))]
 
     def count(self, model) -> Dict[str, int]:
         from lrpet_dense.mmseg import count_complexity
@@ -169,28 +193,39 @@ class SegBundle:
         return lambda: model(x, mode="tensor")
 
 
-def _first_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return _first_tensor(out[sorted(out)[-1]])
-    return _first_tensor(out[-1])
-
-
 # ------------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------------
-def time_interleaved(fns: Dict[str, Callable[[], object]], repeat: int, warmup: int) -> Dict[str, Dict[str, float]]:
-    """Median/min wall time and median process CPU time of each callable, in interleaved rounds."""
+def time_interleaved(fns: Dict[str, Callable[[], object]], repeat: int, warmup: int,
+                     cuda: bool = False, fp16: bool = False) -> Dict[str, Dict[str, float]]:
+    """Median/min wall time and median process CPU time of each callable, in interleaved rounds.
+
+    On CUDA the wall time is the CUDA events' elapsed time of each call (queued work included);
+    ``fp16`` runs under ``torch.autocast(float16)``.
+    """
+    import contextlib
+
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
-    with torch.inference_mode():
+    amp = torch.autocast("cuda", dtype=torch.float16) if fp16 else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
         for r in range(repeat):
             keys = list(fns) if r % 2 == 0 else list(fns)[::-1]  # alternate the order, too
             for k in keys:
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    torch.cuda.synchronize()
+                    c0 = time.process_time()
+                    start.record()
+                    fns[k]()
+                    end.record()
+                    torch.cuda.synchronize()
+                    wall[k].append(start.elapsed_time(end) / 1e3)
+                    cpu[k].append(time.process_time() - c0)
+                    continue
                 c0, t0 = time.process_time(), time.perf_counter()
                 fns[k]()
                 wall[k].append(time.perf_counter() - t0)
@@ -200,30 +235,42 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeat: int, warmup: 
 
 
 # ------------------------------------------------------------------------------------------------
-def build_variants(bundle, targets: Sequence[Tuple[Optional[float], Optional[float]]], log,
-                   stock_1x1: bool = False) -> List[dict]:
-    """One factorised copy of ``bundle.dense`` per (cut, ratio), with its plan, counts and output check."""
+def build_variants(bundle, targets: Sequence[dict], log, stock_1x1: bool = False, deploy: bool = True) -> List[dict]:
+    """One factorised copy of ``bundle.dense`` per target (config changes: a MAC cut, a ratio or a measured
+    latency cut, with a rank multiple), with its plan, counts, and the float64 checks of compression
+    and of the deploy path (BN folded, channels_last on CPU)."""
     out = []
-    for cut, ratio in targets:
+    for changes in targets:
         model = copy.deepcopy(bundle.dense)
-        layers, plan = bundle.plan(model, cut, ratio)
+        layers, plan = bundle.plan(model, changes)
         project_(layers, plan)  # make the planned convs exactly rank-k, as LRPET training leaves them
-        with torch.inference_mode():
-            ref = _first_tensor(bundle.backbone_fn(model, False)()).clone()
-        names = bundle.compress_(model, plan)
-        model.eval()
-        with torch.inference_mode():
-            got = _first_tensor(bundle.backbone_fn(model, False)())
-        err = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        names = bundle.compress_(model, plan)  # checked against the projected dense model in float64
         counts = bundle.count(model)
-        log(f"  {bundle.name}: p={plan.ratio:g} (plan cut {plan.reached_macs_cut:.1%}), {len(names)}/{len(plan)} convs "
-            f"factorised, backbone output rel. diff vs projected dense {err:.1e}")
-        out.append({"model": model, "plan": plan, "target_cut": cut, "ratio": plan.ratio,
-                    "plan_cut": plan.reached_macs_cut, "factorised": len(names), "planned": len(plan),
-                    "counts": counts, "rel_diff": err, "label": ""})
+        if deploy:
+            bundle.deploy_(model)  # checked too
+        lat = plan.latency
+        log(f"  {bundle.name} {_label(changes)}: p={plan.ratio:g}, MAC cut {plan.reached_macs_cut:.1%}"
+            + (f", table-predicted latency cut {lat['reached']:.1%}" if lat else "")
+            + f", {len(names)}/{len(plan)} convs factorised ({len(plan.left_dense)} left dense)")
+        out.append({"model": model, "plan": plan, "changes": changes, "ratio": plan.ratio,
+                    "plan_cut": plan.reached_macs_cut, "predicted_latency_cut": lat.get("reached") if lat else None,
+                    "factorised": len(names), "planned": len(plan), "counts": counts, "label": _label(changes)})
         if stock_1x1:
-            out.append(dict(out[-1], model=_with_stock_1x1(model), label="stock 1x1"))
+            out.append(dict(out[-1], model=_with_stock_1x1(model), label=_label(changes) + " stock 1x1"))
     return out
+
+
+def _label(changes: dict) -> str:
+    parts = []
+    if changes.get("target_macs_cut"):
+        parts.append(f"MACs -{changes['target_macs_cut']:.0%}")
+    if changes.get("target_latency_cut"):
+        parts.append(f"latency -{changes['target_latency_cut']:.0%}")
+    if changes.get("ratio") is not None:
+        parts.append(f"p={changes['ratio']:g}")
+    if changes.get("rank_multiple", 1) > 1:
+        parts.append(f"ranks x{changes['rank_multiple']}")
+    return ", ".join(parts)
 
 
 def _with_stock_1x1(model: nn.Module) -> nn.Module:
@@ -275,56 +322,93 @@ def run_bundle(bundle, variants: List[dict], threads: int, args, log) -> List[di
     dense_counts = bundle.dense_counts
     rows = []
     mf = torch.channels_last if args.channels_last else torch.contiguous_format
-    models = [bundle.dense] + [v["model"] for v in variants]
-    for m in models:
-        m.to(memory_format=mf)
+    cl = args.channels_last or args.deploy  # the deploy path chooses channels_last on CPU
+    if not args.deploy:
+        for m in [bundle.dense] + [v["model"] for v in variants]:
+            m.to(memory_format=mf)
     for part in args.parts:
         make = bundle.backbone_fn if part == "backbone" else bundle.model_fn
-        fns = {"dense": make(bundle.dense, args.channels_last)}
+        fns = {"dense": make(bundle.dense, cl)}
         for i, v in enumerate(variants):
-            fns[f"f{i}"] = make(v["model"], args.channels_last)
+            fns[f"f{i}"] = make(v["model"], cl)
         t0 = time.perf_counter()
         if args.onednn_1x1_everywhere:
             with onednn_1x1_everywhere():
-                times = time_interleaved(fns, args.repeat, args.warmup)
+                times = time_interleaved(fns, args.repeat, args.warmup, args.device == "cuda", args.fp16)
         else:
-            times = time_interleaved(fns, args.repeat, args.warmup)
+            times = time_interleaved(fns, args.repeat, args.warmup, args.device == "cuda", args.fp16)
         log(f"  timed {bundle.name}/{part} with {threads} thread(s) in {time.perf_counter() - t0:.0f}s")
         d = times["dense"]
         for i, v in enumerate(variants):
             f = times[f"f{i}"]
-            macs_ratio = dense_counts[part] / v["counts"][part]
-            speedup = d["wall_median_s"] / f["wall_median_s"]
-            rows.append({
-                "model": bundle.name, "part": part, "variant": v["label"] or "factorised", "threads": threads,
-                "channels_last": args.channels_last, "onednn_1x1_everywhere": args.onednn_1x1_everywhere,
-                "ratio_p": v["ratio"], "target_cut": v["target_cut"], "plan_cut": v["plan_cut"],
-                "backbone_macs_cut": 1 - v["counts"]["backbone"] / dense_counts["backbone"],
-                "macs_dense": dense_counts[part], "macs_factorised": v["counts"][part], "macs_ratio": macs_ratio,
-                "dense_ms": d["wall_median_s"] * 1e3, "factorised_ms": f["wall_median_s"] * 1e3,
-                "speedup": speedup, "speedup_over_macs_ratio": speedup / macs_ratio,
-                "speedup_min": d["wall_min_s"] / f["wall_min_s"],
-                "speedup_cpu": d["cpu_median_s"] / f["cpu_median_s"],
-                "dense_cpu_ms": d["cpu_median_s"] * 1e3, "factorised_cpu_ms": f["cpu_median_s"] * 1e3,
-                "dense_wall_all_ms": [t * 1e3 for t in d["wall_all_s"]],
-                "factorised_wall_all_ms": [t * 1e3 for t in f["wall_all_s"]],
-            })
+            rows.append(_row(bundle, part, v, threads, d, f, dense_counts, args, runtime="pytorch"))
+    if args.onnx and "model" in args.parts:
+        rows += _ort_rows(bundle, variants, threads, args, log, dense_counts)
+    return rows
+
+
+def _row(bundle, part, v, threads, d, f, dense_counts, args, runtime):
+    macs_ratio = dense_counts[part] / v["counts"][part]
+    speedup = d["wall_median_s"] / f["wall_median_s"]
+    return {
+        "model": bundle.name, "part": part, "runtime": runtime, "variant": v["label"] or "factorised",
+        "threads": threads, "device": args.device, "fp16": args.fp16, "deploy": args.deploy,
+        "channels_last": args.channels_last or args.deploy, "onednn_1x1_everywhere": args.onednn_1x1_everywhere,
+        "ratio_p": v["ratio"], "plan_cut": v["plan_cut"], "predicted_latency_cut": v["predicted_latency_cut"],
+        "backbone_macs_cut": 1 - v["counts"]["backbone"] / dense_counts["backbone"],
+        "macs_dense": dense_counts[part], "macs_factorised": v["counts"][part], "macs_ratio": macs_ratio,
+        "dense_ms": d["wall_median_s"] * 1e3, "factorised_ms": f["wall_median_s"] * 1e3,
+        "speedup": speedup, "speedup_over_macs_ratio": speedup / macs_ratio,
+        "measured_latency_cut": 1 - 1 / speedup,
+        "speedup_min": d["wall_min_s"] / f["wall_min_s"],
+        "speedup_cpu": d["cpu_median_s"] / f["cpu_median_s"] if f.get("cpu_median_s") else float("nan"),
+        "dense_wall_all_ms": [t * 1e3 for t in d.get("wall_all_s", [])],
+        "factorised_wall_all_ms": [t * 1e3 for t in f.get("wall_all_s", [])],
+    }
+
+
+def _ort_rows(bundle, variants, threads, args, log, dense_counts) -> List[dict]:
+    """The whole models exported to ONNX (checked against PyTorch) and timed in ONNX Runtime alike."""
+    import tempfile
+
+    from lrpet_dense.core.export import time_ort
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lrpet_onnx_") as tmp:
+        dense_path = os.path.join(tmp, "dense.onnx")
+        inputs = bundle.export_(bundle.dense, dense_path)
+        d = time_ort(dense_path, inputs, threads=threads, repeats=args.repeat, warmup=args.warmup)
+        for i, v in enumerate(variants):
+            path = os.path.join(tmp, f"f{i}.onnx")
+            bundle.export_(v["model"], path)
+            f = time_ort(path, inputs, threads=threads, repeats=args.repeat, warmup=args.warmup)
+            to_s = lambda t: {"wall_median_s": t["median_ms"] / 1e3, "wall_min_s": t["min_ms"] / 1e3}  # noqa: E731
+            rows.append(_row(bundle, "model", v, threads, to_s(d), to_s(f), dense_counts, args, runtime="onnxruntime"))
+        log(f"  timed {bundle.name}/model in ONNX Runtime with {threads} thread(s)")
     return rows
 
 
 def format_table(rows: List[dict]) -> str:
-    head = ("model", "part", "variant", "thr", "p", "bb MACs cut", "MACs ratio", "dense ms", "fact ms", "speed-up",
-            "/MACs ratio", "s-up (min)", "s-up (CPU)")
+    head = ("model", "part", "runtime", "variant", "thr", "p", "bb MACs cut", "pred. lat. cut", "MACs ratio",
+            "dense ms", "fact ms", "speed-up", "/MACs ratio", "s-up (min)")
     lines = []
     for r in rows:
-        lines.append((r["model"], r["part"], r["variant"], str(r["threads"]), f"{r['ratio_p']:.4g}",
-                      f"{r['backbone_macs_cut']:.1%}",
+        pred = r["predicted_latency_cut"]
+        lines.append((r["model"], r["part"], r["runtime"], r["variant"], str(r["threads"]), f"{r['ratio_p']:.4g}",
+                      f"{r['backbone_macs_cut']:.1%}", "-" if pred is None else f"{pred:.1%}",
                       f"{r['macs_ratio']:.2f}x", f"{r['dense_ms']:.1f}", f"{r['factorised_ms']:.1f}",
-                      f"{r['speedup']:.2f}x", f"{r['speedup_over_macs_ratio']:.2f}", f"{r['speedup_min']:.2f}x",
-                      f"{r['speedup_cpu']:.2f}x"))
+                      f"{r['speedup']:.2f}x", f"{r['speedup_over_macs_ratio']:.2f}", f"{r['speedup_min']:.2f}x"))
     widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
     fmt = lambda row: "  ".join(v.rjust(w) for v, w in zip(row, widths))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
 
 
 def main(argv=None) -> dict:
@@ -341,6 +425,19 @@ def main(argv=None) -> dict:
     p.add_argument("--repeat", type=int, default=10, help="timed rounds (each runs every variant once)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--channels-last", action="store_true", help="run all models in channels_last memory format")
+    p.add_argument("--no-deploy", dest="deploy", action="store_false",
+                   help="time the models as trained instead of in the deploy path's inference form (BatchNorm folded "
+                        "into the convs, channels_last on CPU; both checked in float64), which is the default")
+    p.add_argument("--rank-multiple", type=int, nargs="+", default=[1],
+                   help="round ranks down to multiples of these (one variant per value and target)")
+    p.add_argument("--latency-cuts", type=float, nargs="+", default=None,
+                   help="also plans that cut the measured per-layer latency by these fractions (latency table "
+                        "measured here, cached in --latency-table)")
+    p.add_argument("--latency-table", default=None, help="cache file of the per-layer latency table")
+    p.add_argument("--onnx", action="store_true", help="also export the whole models to ONNX (checked against "
+                   "PyTorch) and time them in ONNX Runtime")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA events time each call)")
+    p.add_argument("--fp16", action="store_true", help="on CUDA: autocast to float16")
     p.add_argument("--proposals", type=int, default=100,
                    help="detectron2 RPN post-NMS proposals at test time (detectron2's default: 1000)")
     p.add_argument("--parts", nargs="+", choices=("backbone", "model"), default=["backbone", "model"],
@@ -356,7 +453,10 @@ def main(argv=None) -> dict:
     if len(args.size) not in (1, 2):
         p.error("--size takes H or H W")
     hw = (args.size[0], args.size[-1])
-    targets = ([(None, r) for r in args.ratios] if args.ratios else [(c, None) for c in (args.cuts or [0.3, 0.5])])
+    base = ([{"ratio": r} for r in args.ratios] if args.ratios else
+            [{"target_macs_cut": c} for c in (args.cuts or [0.3, 0.5])])
+    base += [{"target_latency_cut": c, "latency_table": args.latency_table} for c in (args.latency_cuts or [])]
+    targets = [dict(t, rank_multiple=m) for t in base for m in args.rank_multiple]
     logging.basicConfig(level=logging.WARNING)
     log = lambda s: print(s, flush=True)  # noqa: E731
     threads_list = args.threads or [torch.get_num_threads()]
@@ -365,14 +465,19 @@ def main(argv=None) -> dict:
         load = os.getloadavg()
     except OSError:
         load = None
-    log(f"torch {torch.__version__}, {machine}, input {hw[0]}x{hw[1]}, repeat {args.repeat}, "
+    log(f"torch {torch.__version__}, {_cpu_name()}, {machine}, input {hw[0]}x{hw[1]}, repeat {args.repeat}, "
         f"{'channels_last' if args.channels_last else 'contiguous (NCHW)'}, load average {load}")
     rows = []
     for name in args.models:
         bundle = DetBundle(hw, args.proposals) if name == "det" else SegBundle(hw)
         log(f"{bundle.title}: building factorised variants")
         bundle.dense_counts = bundle.count(bundle.dense)
-        variants = build_variants(bundle, targets, log, args.stock_1x1)
+        if args.device != "cpu":
+            bundle.dense.to(args.device)
+            bundle.image = bundle.image.to(args.device)
+        if args.deploy:
+            bundle.deploy_(bundle.dense)
+        variants = build_variants(bundle, targets, log, args.stock_1x1, args.deploy)
         for threads in threads_list:
             torch.set_num_threads(threads)
             rows += run_bundle(bundle, variants, threads, args, log)
@@ -382,7 +487,8 @@ def main(argv=None) -> dict:
     log("speed-up = median dense wall time / median factorised wall time; '/MACs ratio' = speed-up / MACs ratio "
         "(goal >= 0.8 at a 50% cut); s-up (min): from the minimum wall times; s-up (CPU): from process CPU time.")
     result = {"torch": torch.__version__, "machine": machine, "load_average_at_start": load, "input_hw": list(hw),
-              "repeat": args.repeat, "channels_last": args.channels_last,
+              "repeat": args.repeat, "channels_last": args.channels_last, "deploy": args.deploy, "device": args.device,
+              "fp16": args.fp16, "cpu": _cpu_name(),
               "onednn_1x1_everywhere": args.onednn_1x1_everywhere, "proposals": args.proposals, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:

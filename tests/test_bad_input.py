@@ -99,7 +99,7 @@ def d2_compressed(d2_small_ckpts):
     (["LRPET.RATIO", -0.1], r"cfg\.LRPET\.RATIO must .*got -0\.1"),
     (["LRPET.TARGET_MACS_CUT", 1.5], r"cfg\.LRPET\.TARGET_MACS_CUT must lie in \(0, 1\) .*got 1\.5"),
     (["LRPET.TARGET_MACS_CUT", 0.99], r"target_macs_cut=0\.9900 cannot be reached.*Lower the target"),
-    (["LRPET.TARGET_MACS_CUT", 0.3, "LRPET.RATIO", 0.5], r"give one of ratio \(0\.5\) and target_macs_cut \(0\.3\)"),
+    (["LRPET.TARGET_MACS_CUT", 0.3, "LRPET.RATIO", 0.5], r"give one of ratio \(0\.5\), target_macs_cut \(0\.3\), not several"),
     (["LRPET.INCLUDE", ["backbone.nothing*"]], r"include pattern 'backbone\.nothing\*' matches no candidate.*Fix"),
     (["LRPET.INTERVAL", 0], r"cfg\.LRPET\.INTERVAL must be an integer >= 1 .*got 0"),
     (["LRPET.INTERVAL", -5], r"cfg\.LRPET\.INTERVAL must be an integer >= 1 .*got -5"),

@@ -109,7 +109,7 @@ def test_mac_solver_reference_macs_and_unreachable():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(ratio=1.0), "ratio"), (dict(ratio=0.5, target_macs_cut=0.3), "not both"),
+    (dict(ratio=1.0), "ratio"), (dict(ratio=0.5, target_macs_cut=0.3), "not several"),
     (dict(target_macs_cut=1.2), "target_macs_cut"), (dict(ratio=0.5, overrides={"zzz*": 0.3}), "matches no"),
     (dict(ratio=0.5, overrides={"a.*": -0.3}), "overrides"), (dict(rank_policy="energy"), "target_macs_cut"),
 ])

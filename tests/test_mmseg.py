@@ -240,7 +240,7 @@ def test_full_config_plans_a_30_percent_backbone_cut(full_model):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(ratio=0.5, target_macs_cut=0.3), "give one of ratio .* not both"),
+    (dict(ratio=0.5, target_macs_cut=0.3), "give one of ratio .* not several"),
     (dict(ratio=1.0), r"ratio must lie in \[0, 1\)"),
     (dict(target_macs_cut=1.0), r"target_macs_cut must lie in \(0, 1\)"),
     (dict(ratio=0.5, interval=0), "interval must be an integer >= 1"),

@@ -83,6 +83,13 @@ class LRPETConfig:
         rank_policy: ``"uniform"`` (one ratio ``p`` for every layer, the paper's) or ``"energy"``
             (per-layer ranks that keep the most spectral energy per MAC removed, for the same MAC cut;
             needs ``target_macs_cut``). Defaults to ``"uniform"``.
+        rank_multiple: round every rank down to a multiple of this (8 or 16 suit SIMD widths and
+            GPU tiles; never below it, never above the full rank). Defaults to 1 (no rounding).
+        target_latency_cut: fraction in ``(0, 1)`` of the selected convs' *measured* latency to remove
+            (instead of a MAC cut): the ratio is solved on a per-layer latency table, and layers whose
+            factorised form is not measured faster stay dense. None = off. Defaults to None.
+        latency_table: a JSON file caching the per-layer latency table (measured where missing or
+            stale, on the device the plan is built on). Defaults to None (measured, not cached).
     """
 
     ratio: Optional[float] = None
@@ -100,21 +107,24 @@ class LRPETConfig:
     on_error: str = "raise"
     plan_input_size: Optional[Tuple[int, int]] = None
     rank_policy: str = "uniform"
+    rank_multiple: int = 1
+    target_latency_cut: Optional[float] = None
+    latency_table: Optional[str] = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         if self.ratio is not None:
             set_("ratio", _fraction(self.ratio, "ratio", "lie in [0, 1) (the fraction of the rank to prune)",
                                     lambda v: 0 <= v < 1))
-        cut = self.target_macs_cut
-        if cut is not None and not (_is_number(cut) and cut == 0):
-            set_("target_macs_cut", _fraction(cut, "target_macs_cut", "lie in (0, 1) (a fraction of the backbone's "
-                                              "conv MACs), or be None/0 for off", lambda v: 0 < v < 1))
-        else:
-            set_("target_macs_cut", None)
-        if self.ratio is not None and self.target_macs_cut is not None:
-            raise ValueError(f"give one of ratio ({self.ratio}) and target_macs_cut ({self.target_macs_cut}), not "
-                             "both: the ratio is solved for the MAC cut")
+        for name, of in (("target_macs_cut", "the backbone's conv MACs"), ("target_latency_cut", "the measured latency")):
+            cut = getattr(self, name)
+            off = cut is None or (_is_number(cut) and cut == 0)
+            set_(name, None if off else _fraction(cut, name, f"lie in (0, 1) (a fraction of {of}), or be None/0 for off",
+                                                  lambda v: 0 < v < 1))
+        given = [n for n in ("ratio", "target_macs_cut", "target_latency_cut") if getattr(self, n) is not None]
+        if len(given) > 1:
+            values = ", ".join(f"{n} ({getattr(self, n)})" for n in given)
+            raise ValueError(f"give one of {values}, not several: the ratio is solved for a MAC or latency cut")
         if not isinstance(self.overrides, Mapping):
             raise ValueError(f"overrides must map fnmatch patterns to ratios, got {self.overrides!r}")
         overrides = {}
@@ -149,12 +159,17 @@ class LRPETConfig:
             raise ValueError(f"rank_policy must be one of {RANK_POLICIES}, got {self.rank_policy!r}")
         if self.rank_policy == "energy" and self.target_macs_cut is None:
             raise ValueError("rank_policy='energy' allocates ranks for a MAC cut: give target_macs_cut")
+        m = self.rank_multiple
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"rank_multiple must be an integer >= 1, got {m!r}")
+        if self.latency_table is not None and (not isinstance(self.latency_table, str) or not self.latency_table):
+            raise ValueError(f"latency_table must be a file path, got {self.latency_table!r}")
 
     # -- derived ------------------------------------------------------------------------------------
     @property
     def effective_ratio(self) -> Optional[float]:
-        """The one ratio used when no MAC cut is solved for (``ratio``, else 0.5); None with a target."""
-        if self.target_macs_cut is not None:
+        """The one ratio used when no cut is solved for (``ratio``, else 0.5); None with a target."""
+        if self.target_macs_cut is not None or self.target_latency_cut is not None:
             return None
         return DEFAULT_RATIO if self.ratio is None else self.ratio
 

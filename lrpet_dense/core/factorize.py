@@ -410,6 +410,9 @@ def check_trainable_(model: nn.Module) -> None:
     a compressed checkpoint's plan installed at load time are not in the optimizer: "fine-tuning"
     would silently leave them as they are. The LRPET model types call this in training forwards.
     """
+    if getattr(model, "_lrpet_bn_folded", False):
+        raise RuntimeError("LRPET: this model's BatchNorms were folded into its convs (the inference form from "
+                           "lrpet_dense.core.deploy.fold_bn_); train the model before folding")
     if getattr(model, FACTORIZED_ON_LOAD_ATTR, False):
         raise RuntimeError(
             "LRPET: this model was factorised while a compressed checkpoint was loaded into it, after the "

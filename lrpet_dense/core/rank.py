@@ -144,6 +144,9 @@ class RankPlan:
     left_dense: List[str] = field(default_factory=list)
     #: ``"uniform"`` (one ratio) or ``"energy"`` (see :func:`build_rank_plan`).
     policy: str = "uniform"
+    #: With a latency table: ``{"target", "reached", "dense_ms", "planned_ms"}`` (the selected convs'
+    #: measured latency, summed per layer, dense and as planned).
+    latency: Dict[str, Optional[float]] = field(default_factory=dict)
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -184,6 +187,7 @@ class RankPlan:
             "overrides": dict(self.overrides),
             "left_dense": list(self.left_dense),
             "policy": self.policy,
+            "latency": dict(self.latency),
             "layers": [
                 {"name": lp.name, "shape": list(lp.shape), "rank": lp.rank, "ratio": lp.ratio,
                  "out_hw": None if lp.out_hw is None else list(lp.out_hw)}
@@ -205,7 +209,7 @@ class RankPlan:
                 layers[lp.name] = lp
             return cls(layers, float(data["ratio"]), data.get("target_macs_cut"), data.get("reference_macs"),
                        dict(data.get("overrides") or {}), [str(n) for n in data.get("left_dense") or []],
-                       str(data.get("policy") or "uniform"))
+                       str(data.get("policy") or "uniform"), dict(data.get("latency") or {}))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a valid LRPET rank plan: {e!r}") from e
 
@@ -237,6 +241,9 @@ class RankPlan:
         cut = (f"ratio p={self.ratio:g}" if self.policy == "uniform" else
                f"energy allocation (uniform ratio for the same cut: p={self.ratio:g})")
         cut += f"; MAC cut {self.reached_macs_cut:.1%}"
+        if self.latency:
+            cut += f"; measured latency cut {self.latency['reached']:.1%} (per-layer table" + (
+                f", target {self.latency['target']:.1%})" if self.latency.get("target") else ")")
         if self.target_macs_cut is not None:
             cut += f" (target {self.target_macs_cut:.1%})"
         lines.append(cut)
@@ -274,11 +281,20 @@ def _ratio_of(name: str, ratio: float, overrides: Mapping[str, float]) -> float:
     return ratio
 
 
-def _plan_for(specs: Sequence[LayerSpec], ratio: float, overrides: Mapping[str, float]) -> Dict[str, LayerPlan]:
+def _round_rank(k: int, full: int, multiple: int) -> int:
+    """``k`` rounded down to a multiple of ``multiple`` (never below it, never above ``full``)."""
+    if multiple <= 1 or full <= multiple:
+        return k
+    return min(full, max(multiple, (k // multiple) * multiple))
+
+
+def _plan_for(specs: Sequence[LayerSpec], ratio: float, overrides: Mapping[str, float],
+              multiple: int = 1) -> Dict[str, LayerPlan]:
     out = {}
     for s in specs:
         r = _ratio_of(s.name, ratio, overrides)
-        out[s.name] = LayerPlan(s.name, s.shape, rank_from_ratio(s.full_rank, r), r, s.out_hw)
+        out[s.name] = LayerPlan(s.name, s.shape, _round_rank(rank_from_ratio(s.full_rank, r), s.full_rank, multiple),
+                                r, s.out_hw)
     return out
 
 
@@ -288,6 +304,7 @@ def build_rank_plan(
     *,
     reference_macs: Optional[int] = None,
     spectra: Optional[Mapping[str, Sequence[float]]] = None,
+    latency=None,
 ) -> RankPlan:
     """The rank of every layer: from one ratio, one ratio solved for a MAC cut, or an energy allocation.
 
@@ -305,9 +322,16 @@ def build_rank_plan(
       the BN-folded weights under BN rectification). Layers without an output size, whose MACs are
       not counted, get the uniform plan's ratio for the same cut.
 
-    A selected layer whose two thin convs would not cost fewer MACs than the dense conv at its rank
+    - ``target_latency_cut``: the smallest ``p`` (on a 0.005 grid) whose plan removes that fraction
+      of the selected layers' measured latency, summed over a per-layer ``latency`` table
+      (:class:`~lrpet_dense.core.latency.LatencyTable`); a layer whose factorised form at its rank is
+      not measured faster than its dense form stays dense.
+
+    Ranks are rounded down to multiples of ``config.rank_multiple``. A selected layer whose two thin
+    convs would not cost fewer MACs (or, for a latency plan, time) than the dense conv at its rank
     is left out of the plan (``plan.left_dense``; not projected, it would only lose rank), unless it
-    is named exactly in ``config.include`` or ``config.overrides``.
+    is named exactly in ``config.include`` or ``config.overrides``. With a ``latency`` table the plan
+    also records its measured latency cut (``plan.latency``).
 
     Args:
         layers: the selected layers.
@@ -315,6 +339,8 @@ def build_rank_plan(
         reference_macs: MACs the cut is a fraction of. Defaults to the MACs of ``layers`` that have
             an output size; pass e.g. the whole backbone's conv MACs to include unselected convs.
         spectra: ``{name: singular values, descending}`` for ``rank_policy="energy"``.
+        latency: a per-layer latency table, required by ``target_latency_cut``; with any plan it
+            adds the measured latency cut to ``plan.latency``. Defaults to None.
 
     Returns:
         The :class:`RankPlan`; ``plan.reached_macs_cut`` is the cut actually reached.
@@ -334,29 +360,76 @@ def build_rank_plan(
     if reference_macs is None:  # all selected layers, also those left dense below
         reference_macs = sum(conv_macs(s.shape, s.out_hw) for s in specs if s.out_hw is not None) or None
 
+    multiple = config.rank_multiple
+
+    def stays_dense(lp: LayerPlan) -> bool:
+        if not lp.factorize:
+            return True
+        return latency is not None and lp.name in latency.layers and \
+            latency.factorized_ms(lp.name, lp.rank) >= latency.dense_ms(lp.name)
+
     def final(layers: Dict[str, LayerPlan], p: float, target: Optional[float]) -> RankPlan:
-        dense = [n for n, lp in layers.items() if not lp.factorize and n not in keep]
+        dense = [n for n, lp in layers.items() if stays_dense(lp) and n not in keep]
         kept = {n: lp for n, lp in layers.items() if n not in dense}
         if not kept:
             raise ValueError(f"no selected layer would be factorised at ratio p={p:g}: two thin convs cost at least "
-                             "as many MACs as each dense conv at its rank. Use a larger ratio or another selection.")
-        return RankPlan(kept, p, target, reference_macs, overrides, dense, config.rank_policy)
+                             "as many MACs (or as much measured time) as each dense conv at its rank. Use a larger "
+                             "ratio or another selection.")
+        plan = RankPlan(kept, p, target, reference_macs, overrides, dense, config.rank_policy)
+        if latency is not None:
+            plan.latency = _latency_summary(latency, layers, kept, config.target_latency_cut)
+        return plan
 
+    if config.target_latency_cut is not None:
+        if latency is None:
+            raise ValueError("target_latency_cut needs a per-layer latency table (measured by the adapter's build_plan)")
+        p = _solve_latency(specs, config.target_latency_cut, overrides, latency, multiple, stays_dense)
+        return final(_plan_for(specs, p, overrides, multiple), p, None)
     target = config.target_macs_cut
     if target is None:
         ratio = config.effective_ratio
-        return final(_plan_for(specs, ratio, overrides), ratio, None)
+        return final(_plan_for(specs, ratio, overrides, multiple), ratio, None)
     if not any(s.out_hw is not None for s in specs):
         raise ValueError("target_macs_cut needs the layers' output sizes (LayerSpec.out_hw); none is known")
-    p, uniform = _solve_uniform(specs, target, overrides, reference_macs)
+    p, uniform = _solve_uniform(specs, target, overrides, reference_macs, multiple)
     if config.rank_policy == "energy":
-        return final(_energy_allocation(specs, target, overrides, reference_macs, spectra, uniform), p, target)
+        return final(_energy_allocation(specs, target, overrides, reference_macs, spectra, uniform, multiple), p,
+                     target)
     return final(uniform, p, target)
 
 
-def _solve_uniform(specs, target: float, overrides, reference_macs) -> Tuple[float, Dict[str, LayerPlan]]:
+def _planned_ms(latency, layers: Mapping[str, LayerPlan], stays_dense) -> Tuple[float, float]:
+    """``(dense ms, planned ms)`` summed over the layers the table knows."""
+    dense = planned = 0.0
+    for name, lp in layers.items():
+        if name not in latency.layers:
+            continue
+        d = latency.dense_ms(name)
+        dense += d
+        planned += d if stays_dense(lp) else latency.factorized_ms(name, lp.rank)
+    return dense, planned
+
+
+def _latency_summary(latency, layers, kept, target) -> Dict[str, Optional[float]]:
+    dense, planned = _planned_ms(latency, layers, lambda lp: lp.name not in kept)
+    return {"target": target, "reached": (dense - planned) / dense if dense else 0.0, "dense_ms": dense,
+            "planned_ms": planned}
+
+
+def _solve_latency(specs, target: float, overrides, latency, multiple: int, stays_dense) -> float:
+    """The smallest ratio on a 0.005 grid whose plan removes ``target`` of the measured latency."""
+    for i in range(0, 200):
+        p = i / 200
+        dense, planned = _planned_ms(latency, _plan_for(specs, p, overrides, multiple), stays_dense)
+        if dense and (dense - planned) / dense >= target:
+            return p
+    raise ValueError(f"target_latency_cut={target:.4f} cannot be reached: factorising the selected layers removes "
+                     "less of their measured latency at any ratio. Lower the target or select more layers.")
+
+
+def _solve_uniform(specs, target: float, overrides, reference_macs, multiple: int = 1) -> Tuple[float, Dict[str, LayerPlan]]:
     def cut(i: int) -> Tuple[float, Dict[str, LayerPlan]]:
-        plan = RankPlan(_plan_for(specs, i / _RATIO_GRID, overrides), i / _RATIO_GRID, None, reference_macs)
+        plan = RankPlan(_plan_for(specs, i / _RATIO_GRID, overrides, multiple), i / _RATIO_GRID, None, reference_macs)
         return plan.reached_macs_cut, plan.layers
 
     lo, hi = 0, _RATIO_GRID - 1
@@ -376,7 +449,8 @@ def _solve_uniform(specs, target: float, overrides, reference_macs) -> Tuple[flo
     return lo / _RATIO_GRID, cut(lo)[1]
 
 
-def _energy_allocation(specs, target: float, overrides, reference_macs, spectra, uniform) -> Dict[str, LayerPlan]:
+def _energy_allocation(specs, target: float, overrides, reference_macs, spectra, uniform,
+                       multiple: int = 1) -> Dict[str, LayerPlan]:
     """Per-layer ranks of the energy policy (see :func:`build_rank_plan`)."""
     if not spectra:
         raise ValueError("rank_policy='energy' needs the layers' singular values (spectra)")
@@ -402,15 +476,16 @@ def _energy_allocation(specs, target: float, overrides, reference_macs, spectra,
             tail += sq[k - 1]
         macs = [conv_macs(s.shape, s.out_hw) if k == 0 or not factorization_saves(s.shape, k)
                 else factorized_macs(s.shape, k, s.out_hw) for k in range(s.full_rank + 1)]
-        tables.append((s, dropped, macs))
+        candidates = sorted({_round_rank(k, s.full_rank, multiple) for k in range(1, s.full_rank + 1)})
+        tables.append((s, dropped, macs, candidates))
 
     def choose(lam: float) -> Tuple[float, Dict[str, int]]:
         ranks, after = {}, fixed_after
-        for s, dropped, macs in tables:
-            k = min(range(1, s.full_rank + 1), key=lambda k: (dropped[k] + lam * macs[k] / ref, -k))
+        for s, dropped, macs, candidates in tables:
+            k = min(candidates, key=lambda k: (dropped[k] + lam * macs[k] / ref, -k))
             ranks[s.name] = k
             after += macs[k]
-        before = fixed_before + sum(conv_macs(s.shape, s.out_hw) for s, _, _ in tables)
+        before = fixed_before + sum(conv_macs(s.shape, s.out_hw) for s, *_ in tables)
         return (before - after) / ref, ranks
 
     lo, hi = 0.0, 1.0

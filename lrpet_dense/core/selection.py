@@ -74,13 +74,15 @@ class Pairing:
             log.warning("LRPET pairing: %s", note)
 
 
-def _convs(model: nn.Module) -> Iterator[Tuple[str, nn.Conv2d, nn.Module, str]]:
-    """``(name, conv, parent, child name)`` of every ``nn.Conv2d`` outside factorised layers."""
+def _convs(model: nn.Module, factorized: bool = False) -> Iterator[Tuple[str, nn.Module, nn.Module, str]]:
+    """``(name, conv, parent, child name)`` of every ``nn.Conv2d`` outside factorised layers (and, with
+    ``factorized``, of every :class:`FactorizedConv2d` as one conv)."""
+    kinds = (nn.Conv2d, FactorizedConv2d) if factorized else (nn.Conv2d,)
     for parent_name, parent in model.named_modules():
         if isinstance(parent, FactorizedConv2d):
             continue
         for child_name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d) and not isinstance(child, FactorizedConv2d):
+            if isinstance(child, kinds):
                 yield (f"{parent_name}.{child_name}" if parent_name else child_name), child, parent, child_name
 
 
@@ -90,7 +92,7 @@ def conv_names(model: nn.Module, prefix: str = "") -> List[str]:
 
 
 def pair_with(model: nn.Module, config, filter_fn: Optional[FilterFn], default_include: Callable[[nn.Module], List[str]],
-              find_norm: FindNorm) -> Pairing:
+              find_norm: FindNorm, factorized: bool = False) -> Pairing:
     """:func:`select_convs` with ``config``'s ``include`` (empty: ``default_include(model)``), ``exclude``
     and ``include_frozen``: what each adapter's ``pair_convs`` does with its own ``find_norm``."""
     from .config import LRPETConfig
@@ -98,12 +100,12 @@ def pair_with(model: nn.Module, config, filter_fn: Optional[FilterFn], default_i
     config = config or LRPETConfig()
     include = list(config.include) or default_include(model)
     return select_convs(model, include, config.exclude, include_frozen=config.include_frozen, filter_fn=filter_fn,
-                        find_norm=find_norm)
+                        find_norm=find_norm, factorized=factorized)
 
 
 def select_convs(model: nn.Module, include: Sequence[str], exclude: Sequence[str] = (), *,
                  include_frozen: bool = False, filter_fn: Optional[FilterFn] = None,
-                 find_norm: FindNorm) -> Pairing:
+                 find_norm: FindNorm, factorized: bool = False) -> Pairing:
     """Select convs by name (and ``filter_fn``) and pair each with its BatchNorm (``find_norm``).
 
     Raises:
@@ -111,7 +113,7 @@ def select_convs(model: nn.Module, include: Sequence[str], exclude: Sequence[str
             channel count than its conv; nothing is selected.
     """
     found = {}
-    for name, conv, parent, child in _convs(model):
+    for name, conv, parent, child in _convs(model, factorized):
         found.setdefault(name, (conv, parent, child))  # a conv registered twice counts once
     grouped = {n: c.groups for n, (c, _, _) in found.items() if c.groups != 1}
     plain = [n for n in found if n not in grouped]
@@ -127,7 +129,7 @@ def select_convs(model: nn.Module, include: Sequence[str], exclude: Sequence[str
         conv, parent, child = found[name]
         if filter_fn is not None and not filter_fn(conv, name):
             continue
-        if not conv.weight.requires_grad and not include_frozen:
+        if not include_frozen and not conv.weight.requires_grad:
             frozen.append(name)
             continue
         bn, note = find_norm(name, conv, parent, child)
@@ -160,19 +162,23 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
-def output_sizes(model: nn.Module, names: Sequence[str], run: Callable[[], object]) -> Dict[str, Tuple[int, int]]:
+def output_sizes(model: nn.Module, names: Sequence[str], run: Callable[[], object],
+                 inputs: Optional[Dict[str, Tuple[int, int]]] = None) -> Dict[str, Tuple[int, int]]:
     """Each named module's output ``(H, W)`` in ``run()`` (a forward of ``model``), at its first call.
 
     Runs in eval mode (BatchNorm statistics untouched) under ``torch.no_grad``; hooks are removed
-    afterwards even on error. Modules never called are left out.
+    afterwards even on error. Modules never called are left out. The input sizes go to ``inputs``
+    when a dict is given.
     """
     sizes: Dict[str, Tuple[int, int]] = {}
     handles = []
 
     def hook(name):
-        def fn(_module, _inp, out):
+        def fn(_module, inp, out):
             if name not in sizes and isinstance(out, torch.Tensor) and out.dim() == 4:
                 sizes[name] = (int(out.shape[-2]), int(out.shape[-1]))
+                if inputs is not None and inp and isinstance(inp[0], torch.Tensor):
+                    inputs[name] = (int(inp[0].shape[-2]), int(inp[0].shape[-1]))
         return fn
 
     try:
@@ -203,13 +209,21 @@ def conv_macs_of(model: nn.Module, names: Sequence[str], sizes: Dict[str, Tuple[
 
 
 def plan_layers(model: nn.Module, layers: Sequence[ConvBN], config, sizes: Dict[str, Tuple[int, int]],
-                reference_names: Sequence[str]):
+                reference_names: Sequence[str], in_sizes: Optional[Dict[str, Tuple[int, int]]] = None):
     """The rank plan of ``layers``: output ``sizes`` measured by the adapter, the MAC cut a fraction of
-    the convs ``reference_names`` (e.g. the whole backbone's), the singular values for the energy policy."""
+    the convs ``reference_names`` (e.g. the whole backbone's), the singular values for the energy policy,
+    and, for a latency plan (``config.target_latency_cut`` / ``latency_table``), the per-layer latency
+    table measured on the layers' device at their input sizes ``in_sizes`` (or read from the cache)."""
     from .projection import layer_spectra
     from .rank import build_rank_plan
 
     specs = layer_specs(layers, sizes)
     spectra = layer_spectra(layers, [s.name for s in specs], config) if config.rank_policy == "energy" else None
+    latency = None
+    if config.target_latency_cut is not None or config.latency_table is not None:
+        from .latency import measure_latency_table
+
+        latency = measure_latency_table(layers, in_sizes or {}, step=max(8, config.rank_multiple),
+                                        cache=config.latency_table)
     return build_rank_plan(specs, config, reference_macs=conv_macs_of(model, reference_names, sizes),
-                           spectra=spectra)
+                           spectra=spectra, latency=latency)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .rank import RankPlan
 
-__all__ = ["compare_outputs", "OutputMismatchError"]
+__all__ = ["compare_outputs", "OutputMismatchError"]  # the rest is internal to lrpet_dense
 
 
 class OutputMismatchError(ValueError):
@@ -138,10 +138,23 @@ def factorize_checked_(model: nn.Module, plan: RankPlan, outputs: Callable[[nn.M
                          "checkpoint, or saved before the final projection). Factorising them would change the "
                          "model's outputs; to project them first (a one-shot truncation), pass --project "
                          "(project=True)")
+    return transform_checked_(model, lambda m: factorize_(m, plan), outputs, rtol=rtol, what=what)
+
+
+def transform_checked_(model: nn.Module, transform: Callable[[nn.Module], Any], outputs: Callable[[nn.Module], Any],
+                       *, rtol: float = 1e-4, what: str = "the transformed model") -> Any:
+    """Apply ``transform`` (an in-place model surgery) to ``model`` only once a copy passed the check.
+
+    The copy's ``outputs`` must equal the untouched model's in float64 (:func:`compare_outputs`);
+    otherwise ``model`` is left as it is and :class:`OutputMismatchError` is raised.
+
+    Returns:
+        What ``transform(model)`` returns.
+    """
     with torch.no_grad():
         reference = outputs(float64_copy(model))
         rehearsal = copy.deepcopy(model)
-        factorize_(rehearsal, plan)
+        transform(rehearsal)
         compare_outputs(reference, outputs(float64_copy(rehearsal)), rtol=rtol, what=what)
     del rehearsal
-    return factorize_(model, plan)
+    return transform(model)

@@ -17,7 +17,8 @@ The command line is ``lrpet-dense train-det | compress det | report det`` (``too
 from .checkpoint import RNGStateHook
 from .config import add_lrpet_config, lrpet_config, register_toy_voc, register_toy_voc_from_env
 from .deploy import (CompressedAwareCheckpointer, LRPETGeneralizedRCNN, compress_model_, count_complexity,
-                     load_model, output_tensors, plan_from_checkpoint, save_compressed)
+                     export_onnx, load_model, output_tensors, plan_from_checkpoint, save_compressed,
+                     to_inference_)
 from .hook import LRPETHook, build_plan, insert_before_checkpointer
 from .pairing import default_include, pair_convs, unwrap_model
 
@@ -25,5 +26,5 @@ __all__ = [
     "add_lrpet_config", "lrpet_config", "pair_convs", "default_include", "unwrap_model", "build_plan", "LRPETHook",
     "insert_before_checkpointer", "RNGStateHook", "LRPETGeneralizedRCNN", "CompressedAwareCheckpointer", "load_model",
     "plan_from_checkpoint", "compress_model_", "save_compressed", "count_complexity", "output_tensors",
-    "register_toy_voc", "register_toy_voc_from_env",
+    "to_inference_", "export_onnx", "register_toy_voc", "register_toy_voc_from_env",
 ]

@@ -85,6 +85,13 @@ def add_lrpet_config(cfg: CN) -> None:
     # "uniform" (one ratio for every layer, the paper's) or "energy" (per-layer ranks keeping the most
     # spectral energy per MAC removed, for TARGET_MACS_CUT).
     _C.LRPET.RANK_POLICY = _D.rank_policy
+    # Round every rank down to a multiple of this (int >= 1; 8 or 16 suit SIMD widths / GPU tiles).
+    _C.LRPET.RANK_MULTIPLE = _D.rank_multiple
+    # Fraction in (0, 1) of the selected convs' measured latency to remove instead of a MAC cut (layers
+    # whose factorised form is not measured faster stay dense). None or 0 = off.
+    _C.LRPET.TARGET_LATENCY_CUT = _D.target_latency_cut
+    # JSON file caching the per-layer latency table (measured on this device where missing or stale).
+    _C.LRPET.LATENCY_TABLE = _D.latency_table
 
 
 def _overrides(flat) -> dict:

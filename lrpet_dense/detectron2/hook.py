@@ -61,8 +61,9 @@ def build_plan(model: nn.Module, layers: Sequence[ConvBN], config: LRPETConfig,
         h, w = (-(-s // div) * div for s in (h, w))
     names = conv_names(model, "backbone.")
     device = next(backbone.parameters()).device
-    sizes = output_sizes(model, names, lambda: backbone(torch.zeros(1, 3, h, w, device=device)))
-    return plan_layers(model, layers, config, sizes, names)
+    in_sizes: dict = {}
+    sizes = output_sizes(model, names, lambda: backbone(torch.zeros(1, 3, h, w, device=device)), in_sizes)
+    return plan_layers(model, layers, config, sizes, names, in_sizes)
 
 
 def insert_before_checkpointer(hook_list: List[Optional[HookBase]], hook: HookBase) -> List[Optional[HookBase]]:

@@ -73,12 +73,13 @@ def _find_norm(name: str, conv: nn.Conv2d, parent: nn.Module, child: str) -> Tup
 
 
 def pair_convs(model: nn.Module, config: Optional[LRPETConfig] = None,
-               filter_fn: Optional[FilterFn] = None) -> Pairing:
+               filter_fn: Optional[FilterFn] = None, *, factorized: bool = False) -> Pairing:
     """The convs of a detectron2 model (DDP-wrapped or not) that ``config`` selects, each with its
     ``conv.norm`` BatchNorm; ``filter_fn(conv, name)`` may narrow the selection further.
 
     ``config.include`` empty selects :func:`default_include`; see
     :func:`lrpet_dense.core.selection.select_convs` for the rules and the errors (a pattern matching
-    nothing, a BatchNorm of another width, an empty selection).
+    nothing, a BatchNorm of another width, an empty selection). With ``factorized``, a factorised
+    conv counts as one conv (to fold its BatchNorm for inference).
     """
-    return pair_with(unwrap_model(model), config, filter_fn, default_include, _find_norm)
+    return pair_with(unwrap_model(model), config, filter_fn, default_include, _find_norm, factorized)

@@ -24,8 +24,8 @@ The command line is ``lrpet-dense compress seg | report seg``; training is mmseg
 """
 from .checkpoint import allow_mmengine_checkpoints
 from .config import lrpet_config
-from .deploy import (LRPETEncoderDecoder, compress_model_, count_complexity, load_model, output_tensors,
-                     plan_from_checkpoint, save_compressed)
+from .deploy import (LRPETEncoderDecoder, compress_model_, count_complexity, export_onnx, load_model, output_tensors,
+                     plan_from_checkpoint, save_compressed, to_inference_)
 from .hook import LRPETHook, build_plan
 from .pairing import default_include, pair_convs, unwrap_model
 
@@ -34,5 +34,5 @@ allow_mmengine_checkpoints()
 __all__ = [
     "lrpet_config", "pair_convs", "default_include", "unwrap_model", "build_plan", "LRPETHook",
     "allow_mmengine_checkpoints", "LRPETEncoderDecoder", "load_model", "plan_from_checkpoint", "compress_model_",
-    "save_compressed", "count_complexity", "output_tensors",
+    "save_compressed", "count_complexity", "output_tensors", "to_inference_", "export_onnx",
 ]

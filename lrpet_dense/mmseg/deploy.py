@@ -39,11 +39,11 @@ from lrpet_dense.core.factorize import (PLAN_METADATA_KEY, PLAN_STATE_KEY, check
 from lrpet_dense.core.verify import factorize_checked_
 from lrpet_dense.io import atomic_save, check_finite_state, load_checkpoint_safe, plain_data
 
-from .pairing import pair_convs
+from .pairing import pair_convs, unwrap_model
 
 __all__ = [
     "LRPETEncoderDecoder", "load_model", "plan_from_checkpoint", "compressed_plan_of", "compress_model_",
-    "save_compressed", "count_complexity", "output_tensors",
+    "save_compressed", "count_complexity", "output_tensors", "to_inference_", "export_onnx",
 ]
 
 logger = logging.getLogger(__name__)
@@ -225,3 +225,60 @@ def count_complexity(model: nn.Module, input_hw: Tuple[int, int]) -> Dict[str, D
             info = get_model_complexity_info(module, input_shape=shape, show_table=False, show_arch=False)
             out[key] = {"params": int(info["params"]), "macs": int(info["flops"])}
     return out
+
+
+_EVERY_CONV = LRPETConfig(include=("*",), include_frozen=True)
+
+
+def to_inference_(model: nn.Module, *, check_hw: Tuple[int, int] = (64, 64), rtol: float = 1e-4) -> nn.Module:
+    """The deploy path's inference form, in place: every BatchNorm after a conv (dense or factorised)
+    folded into it and ``channels_last`` weights on CPU (:mod:`lrpet_dense.core.deploy`).
+
+    As the detectron2 adapter's: checked first on a copy (logits, :func:`output_tensors`, float64),
+    nothing changes otherwise; inference only. Returns ``model`` in eval mode.
+    """
+    from lrpet_dense.core.deploy import fold_bn_, to_inference_layout_
+    from lrpet_dense.core.verify import transform_checked_
+
+    model = unwrap_model(model).eval()
+    x = torch.randn(1, 3, *check_hw, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    transform_checked_(model, lambda m: fold_bn_(m, pair_convs(m, _EVERY_CONV, factorized=True).layers),
+                       lambda m: output_tensors(m, x), rtol=rtol, what="the segmentor with its BatchNorms folded")
+    return to_inference_layout_(model)
+
+
+class _TensorMode(nn.Module):
+    """``model(x, mode='tensor')`` as a one-input module (what is exported)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, mode="tensor")
+
+
+def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int]) -> Dict[str, Any]:
+    """Export the segmentor in ``mode='tensor'`` (image -> logits) to ONNX and check it in ONNX Runtime.
+
+    Uses ``torch.onnx.export``'s dynamo exporter (the TorchScript one cannot export PSPNet's adaptive
+    pooling to non-divisible sizes). ONNX Runtime's logits must equal PyTorch's on the same input
+    within float32 tolerance.
+
+    Returns:
+        ``{"inputs": [...], "outputs": 1, "check": {...}}``.
+
+    Raises:
+        ValueError: ONNX Runtime's logits differ from PyTorch's.
+    """
+    from lrpet_dense.core.export import check_onnx
+    from lrpet_dense.core.export import export_onnx as _export
+
+    model = unwrap_model(model).eval()
+    param = next(model.parameters())
+    x = torch.randn(1, 3, *input_hw, generator=torch.Generator().manual_seed(0)).to(param.device)
+    wrapper = _TensorMode(model).eval()
+    _export(wrapper, (x,), path, dynamo=True, opset=18, input_names=["image"], output_names=["logits"])
+    with torch.no_grad():
+        reference = wrapper(x)
+    return {"inputs": [list(x.shape)], "outputs": 1, "check": check_onnx(path, [x], [reference])}

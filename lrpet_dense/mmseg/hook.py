@@ -54,11 +54,12 @@ def build_plan(model: nn.Module, layers: Sequence[ConvBN], config: LRPETConfig,
     param = next(model.backbone.parameters())
     x = torch.zeros(1, 3, h, w, device=param.device, dtype=param.dtype)
     backbone_names = conv_names(model, "backbone.")
-    sizes = output_sizes(model, backbone_names, lambda: model.backbone(x))
+    in_sizes: dict = {}
+    sizes = output_sizes(model, backbone_names, lambda: model.backbone(x), in_sizes)
     others = [l.name for l in layers if l.name not in sizes]
     if others:
-        sizes.update(output_sizes(model, others, lambda: model(x, mode="tensor")))
-    return plan_layers(model, layers, config, sizes, backbone_names)
+        sizes.update(output_sizes(model, others, lambda: model(x, mode="tensor"), in_sizes))
+    return plan_layers(model, layers, config, sizes, backbone_names, in_sizes)
 
 
 @HOOKS.register_module()

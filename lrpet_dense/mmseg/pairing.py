@@ -94,11 +94,12 @@ def _find_norm(name: str, conv: nn.Conv2d, parent: nn.Module, child: str) -> Tup
 
 
 def pair_convs(model: nn.Module, config: Optional[LRPETConfig] = None,
-               filter_fn: Optional[FilterFn] = None) -> Pairing:
+               filter_fn: Optional[FilterFn] = None, *, factorized: bool = False) -> Pairing:
     """The convs of a segmentor (e.g. an ``EncoderDecoder``, wrapped or not) that ``config`` selects,
     each with the BatchNorm after it (sibling ``bnN``, ``Sequential``, ``ConvModule``).
 
     ``config.include`` empty selects :func:`default_include`; ``filter_fn(conv, name)`` may narrow the
-    selection; the rules and errors are :func:`lrpet_dense.core.selection.select_convs`'s.
+    selection; the rules and errors are :func:`lrpet_dense.core.selection.select_convs`'s. With
+    ``factorized``, a factorised conv counts as one conv (to fold its BatchNorm for inference).
     """
-    return pair_with(unwrap_model(model), config, filter_fn, default_include, _find_norm)
+    return pair_with(unwrap_model(model), config, filter_fn, default_include, _find_norm, factorized)

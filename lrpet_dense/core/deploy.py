@@ -1,0 +1,91 @@
+"""The inference form of a (compressed) model: BatchNorm folded into the convs, channels_last on CPU.
+
+:func:`fold_bn_` folds each BatchNorm that follows a conv (the pairs a framework adapter's
+``pair_convs`` finds) into that conv: into the weight and a bias of a dense conv, into ``conv_b`` of a
+:class:`~lrpet_dense.core.FactorizedConv2d` (whose rank it does not change: the fold scales rows).
+Every reference to the BatchNorm is then replaced by ``nn.Identity`` (the same surgery as
+factorisation, so plain-list references are replaced too). The folded model computes what the
+unfolded one computes in eval mode (running statistics): inference only; training it is an error.
+
+:func:`to_inference_layout_` converts the weights to ``channels_last`` on CPU, the layout in which
+oneDNN runs the thin 1x1 convs of factorised layers fastest (``benchmarks/README.md``); PyTorch then
+keeps activations channels_last from the first conv on, so inputs need no conversion.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from .factorize import FactorizedConv2d, _replace_everywhere
+from .projection import ConvBN, _bn_scale
+
+__all__ = ["fold_bn_", "to_inference_layout_"]
+
+logger = logging.getLogger(__name__)
+
+#: Attribute set on a model whose BatchNorms were folded (inference only).
+FOLDED_ATTR = "_lrpet_bn_folded"
+
+
+def _fold_into(conv: nn.Conv2d, bn: nn.Module, name: str) -> None:
+    """``bn(conv(x)) == conv'(x)``: scale the output rows of ``conv`` and give it the folded bias."""
+    scale = _bn_scale(bn, name)  # float64: gamma / sqrt(var + eps)
+    mean = bn.running_mean.detach().double()
+    beta = bn.bias.detach().double() if getattr(bn, "bias", None) is not None else torch.zeros_like(mean)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(mean)
+    with torch.no_grad():
+        w = conv.weight
+        w.copy_((w.double() * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+        new_bias = ((bias - mean) * scale + beta).to(w.dtype)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias)
+        else:
+            conv.bias.copy_(new_bias)
+
+
+def fold_bn_(model: nn.Module, layers: Sequence[ConvBN]) -> List[str]:
+    """Fold each paired BatchNorm of ``layers`` into its conv (dense or factorised), in place; eval only.
+
+    Args:
+        model: the model holding the layers (its references to each BatchNorm are replaced by
+            ``nn.Identity``).
+        layers: ``(name, conv, bn)`` triples, e.g. from a framework adapter's ``pair_convs`` with
+            ``include=("*",)``; where ``conv`` was factorised, pass the :class:`FactorizedConv2d` (the
+            fold goes into its ``conv_b``). Triples without a BatchNorm are skipped.
+
+    Returns:
+        The names of the convs whose BatchNorm was folded.
+
+    Raises:
+        ValueError: a BatchNorm has no running statistics, or is shared by two convs.
+    """
+    seen = {}
+    todo = []
+    for name, conv, bn in layers:
+        if bn is None:
+            continue
+        if id(bn) in seen:
+            raise ValueError(f"the BatchNorm after {name!r} also follows {seen[id(bn)]!r}: it cannot be folded into both")
+        if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+            raise ValueError(f"layer {name!r}: its norm {type(bn).__name__} has no running statistics to fold")
+        seen[id(bn)] = name
+        todo.append((name, conv, bn))
+    undo: list = []
+    for name, conv, bn in todo:  # every reference to the BN becomes Identity (atomic with the folds below)
+        _replace_everywhere(model, bn, nn.Identity(), undo)
+    for name, conv, bn in todo:
+        target = conv.conv_b if isinstance(conv, FactorizedConv2d) else conv
+        _fold_into(target, bn, name)
+    object.__setattr__(model, FOLDED_ATTR, True)
+    logger.info("folded %d BatchNorms into their convs (inference form)", len(todo))
+    return [n for n, _, _ in todo]
+
+
+def to_inference_layout_(model: nn.Module) -> nn.Module:
+    """``channels_last`` weights on CPU (oneDNN's fast layout for the factorised 1x1 convs); no-op elsewhere."""
+    if all(p.device.type == "cpu" for p in model.parameters()):
+        model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,182 @@
+"""Deployment: BatchNorm folding (checked in float64), hardware-friendly ranks, latency-aware plans, and
+ONNX export of both compressed models, run in ONNX Runtime against PyTorch. Timing stays in benchmarks:
+here only correctness (a latency table is measured on a tiny model to test its plumbing, not its values)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import D2_TINY, D2_TOY_CFG, REPO, SEG_TOY_CFG
+
+from lrpet_dense.core import ConvBN, FactorizedConv2d, LayerSpec, LRPETConfig, build_rank_plan, factorize_, lrpet_project
+from lrpet_dense.core.deploy import fold_bn_, to_inference_layout_
+from lrpet_dense.core.latency import LatencyTable, measure_latency_table
+
+pytestmark = pytest.mark.timeout(600)
+CLI = Path(sys.executable).parent / "lrpet-dense"
+
+
+def _net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 1))
+    for bn in (net[1], net[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    return net.double().eval()
+
+
+def test_fold_bn_into_dense_and_factorised_convs_is_exact_in_float64():
+    net = _net()
+    with torch.no_grad():
+        net[3].weight.copy_(lrpet_project(net[3].weight, 4))
+    factorize_(net, {"3": 4})
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    ref = net(x)
+    layers = [ConvBN("0", net[0], net[1]), ConvBN("3", net[3], net[4]), ConvBN("6", net[6], None)]
+    assert fold_bn_(net, layers) == ["0", "3"]
+    assert isinstance(net[1], nn.Identity) and isinstance(net[4], nn.Identity) and isinstance(net[3], FactorizedConv2d)
+    torch.testing.assert_close(net(x), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="also follows"):
+        shared = nn.BatchNorm2d(16)
+        fold_bn_(nn.Sequential(nn.Conv2d(3, 16, 1), shared), [ConvBN("a", nn.Conv2d(3, 16, 1), shared),
+                                                              ConvBN("b", nn.Conv2d(3, 16, 1), shared)])
+    to_inference_layout_(net)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_rank_multiple_rounds_ranks_down():
+    specs = [LayerSpec("a", (256, 256, 3, 3), (16, 16)), LayerSpec("b", (512, 128, 1, 1), (16, 16)),
+             LayerSpec("tiny", (8, 8, 3, 3), (16, 16))]
+    plan = build_rank_plan(specs, LRPETConfig(ratio=0.43, rank_multiple=16))
+    assert plan["a"].rank == 144 and plan["b"].rank == 64  # floor(256 * 0.57) = 145 -> 144; 72 -> 64
+    assert plan["tiny"].rank == 4  # a layer narrower than the multiple keeps its rank
+    cut = build_rank_plan(specs, LRPETConfig(target_macs_cut=0.4, rank_multiple=8))
+    assert all(lp.rank % 8 == 0 for n, lp in cut.layers.items() if n != "tiny") and cut.reached_macs_cut >= 0.4
+
+
+def _table():
+    # layer "fast": factorising pays off at every rank; "slow": never faster than dense (e.g. a strided 1x1)
+    return LatencyTable({
+        "fast": {"dense": 10.0, "ranks": [1, 64, 128, 256], "factorized": [1.0, 3.0, 6.0, 12.0]},
+        "slow": {"dense": 2.0, "ranks": [1, 64, 128, 256], "factorized": [2.5, 3.0, 3.5, 4.0]},
+    })
+
+
+def test_latency_plan_cuts_measured_latency_and_leaves_slow_layers_dense():
+    specs = [LayerSpec("fast", (256, 256, 3, 3), (8, 8)), LayerSpec("slow", (256, 256, 3, 3), (8, 8))]
+    plan = build_rank_plan(specs, LRPETConfig(target_latency_cut=0.3), latency=_table())
+    assert plan.left_dense == ["slow"] and list(plan.layers) == ["fast"]
+    assert plan.latency["reached"] >= 0.3 and plan.latency["target"] == 0.3 and plan.latency["dense_ms"] == 12.0
+    # the smallest grid ratio that reaches it: one step less does not
+    k = plan["fast"].rank
+    assert 12.0 - (2.0 + _table().factorized_ms("fast", k)) >= 0.3 * 12.0
+    assert "measured latency cut" in plan.format_table()
+    with pytest.raises(ValueError, match="latency table"):
+        build_rank_plan(specs, LRPETConfig(target_latency_cut=0.3))
+    # a MAC plan with a table reports its latency cut too
+    assert "reached" in build_rank_plan(specs, LRPETConfig(ratio=0.5), latency=_table()).latency
+
+
+def test_latency_table_measured_once_and_cached(tmp_path):
+    convs = [nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 1)]
+    layers = [ConvBN(f"c{i}", c, None) for i, c in enumerate(convs)]
+    cache = tmp_path / "table.json"
+    table = measure_latency_table(layers, {"c0": (8, 8), "c1": (8, 8)}, step=8, repeats=2, cache=str(cache))
+    assert set(table.layers) == {"c0", "c1"} and table.layers["c0"]["ranks"][-1] == 32
+    assert all(t > 0 for t in table.layers["c0"]["factorized"]) and table.dense_ms("c1") > 0
+    data = json.loads(cache.read_text())
+    again = measure_latency_table(layers, {"c0": (8, 8), "c1": (8, 8)}, step=8, repeats=2, cache=str(cache))
+    assert again.layers == table.layers and data["meta"]["key"] == again.meta["key"]  # reused, not re-measured
+    other = measure_latency_table(layers[:1], {"c0": (8, 8)}, step=8, repeats=2, cache=str(cache))
+    assert set(other.layers) == {"c0"}  # other layers: measured again
+
+
+# =============================================================================== the frameworks
+def _run(args, env=None):
+    proc = subprocess.run([str(a) for a in args], cwd=REPO, env=dict(os.environ, **(env or {})), capture_output=True,
+                          text=True, timeout=500)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_detectron2_inference_form_and_onnx(d2_small_ckpts, d2_toy_voc, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from detectron2.config import get_cfg
+
+    from lrpet_dense.detectron2 import add_lrpet_config, load_model, to_inference_
+
+    cfg = get_cfg()
+    add_lrpet_config(cfg)
+    cfg.merge_from_file(str(D2_TOY_CFG))
+    cfg.merge_from_list(list(D2_TINY))
+    model, _ = load_model(cfg, str(d2_small_ckpts[0]))
+    to_inference_(model)  # raises if the folded detector's pre-NMS outputs differ (float64)
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d,)) or type(m).__name__ == "FrozenBatchNorm2d"]
+    assert not norms and model.backbone.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+    out = tmp_path / "det.onnx"
+    code, text = _run([CLI, "export", "det", "--config", D2_TOY_CFG, "--checkpoint", d2_small_ckpts[0], "--output", out,
+                       *D2_TINY], {"LRPET_TOY_VOC": d2_toy_voc})
+    assert code == 0, text[-3000:]
+    assert out.exists() and "ONNX Runtime vs PyTorch" in text
+
+
+def test_detectron2_compressed_traces_with_tracing_adapter(d2_small_ckpts):
+    from detectron2.config import get_cfg
+    from detectron2.export import TracingAdapter
+
+    from lrpet_dense.detectron2 import add_lrpet_config, load_model
+
+    cfg = get_cfg()
+    add_lrpet_config(cfg)
+    cfg.merge_from_file(str(D2_TOY_CFG))
+    cfg.merge_from_list(list(D2_TINY))
+    model, _ = load_model(cfg, str(d2_small_ckpts[0]))
+    image = torch.rand(3, 96, 128) * 255
+    adapter = TracingAdapter(model, [{"image": image}], lambda m, i: [{"instances": m.inference(i, do_postprocess=False)[0]}])
+    traced = torch.jit.trace(adapter.eval(), (image,))
+    with torch.no_grad():
+        assert len(traced(image)) == len(adapter(image))
+
+
+def test_mmseg_inference_form_onnx_and_torch_export(seg_small_ckpts, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from unittest import mock
+
+    from mmengine.config import Config
+
+    import lrpet_dense.mmseg as lm
+
+    with mock.patch.dict(os.environ, {"LRPET_TOY_VOC_ROOT": str(tmp_path)}):
+        cfg = Config.fromfile(str(SEG_TOY_CFG))
+    model, _ = lm.load_model(cfg, str(seg_small_ckpts[0]))
+    lm.to_inference_(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+    class TensorMode(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x, mode="tensor")
+
+    x = torch.randn(1, 3, 64, 64)
+    exported = torch.export.export(TensorMode(model).eval(), (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x, mode="tensor"), rtol=1e-4, atol=1e-5)
+
+    out = tmp_path / "seg.onnx"
+    code, text = _run([CLI, "export", "seg", SEG_TOY_CFG, seg_small_ckpts[0], out, "--input-size", "64", "64"],
+                      {"LRPET_TOY_VOC_ROOT": str(tmp_path)})
+    assert code == 0, text[-3000:]
+    assert out.exists() and "ONNX Runtime vs PyTorch" in text

@@ -1,0 +1,93 @@
+"""LRPET-S trials for detectron2: a short LRPET training of the user's config with per-group ratios.
+
+See :mod:`lrpet_dense.search`. Each trial runs detectron2's trainer (``lrpet-dense train-det``'s) on
+the config (its model, data, solver, ``MODEL.WEIGHTS`` as the starting weights) for ``iters``
+iterations with a cosine schedule and ``LRPET.OVERRIDES`` set to the trial's ratios; the model is
+then factorised (checked) and evaluated with the dataset's evaluator on ``DATASETS.TEST[0]``
+(``PascalVOCDetectionEvaluator``: AP50; ``COCOEvaluator``: AP).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from detectron2.config import CfgNode
+
+from lrpet_dense.search import TrialRunner, check_finite
+
+from .config import lrpet_config
+
+__all__ = ["DetTrialRunner"]
+
+
+class DetTrialRunner(TrialRunner):
+    """Trials of a detectron2 config with ``LRPET.ENABLED`` (its ``LRPET`` keys select the layers).
+
+    Args:
+        cfg: the config (with ``add_lrpet_config``).
+        iters: training iterations per trial (> 0).
+    """
+
+    def __init__(self, cfg: CfgNode, iters: int):
+        from detectron2.modeling import build_model
+
+        from .hook import default_plan_hw
+        from .pairing import pair_convs
+
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"trial iterations must be a positive integer, got {iters!r}")
+        if not cfg.LRPET.ENABLED:
+            raise ValueError("the config has LRPET.ENABLED False: the search trains with LRPET (set LRPET.ENABLED True)")
+        self.cfg, self.iters = cfg, iters
+        self.base = lrpet_config(cfg)
+        self.model = build_model(cfg)
+        self.layers = pair_convs(self.model, self.base).layers
+        self.names = [l.name for l in self.layers]
+        self.hw = default_plan_hw(cfg)
+        from detectron2.data import MetadataCatalog
+
+        kind = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("evaluator_type", None)
+        if kind not in ("pascal_voc", "coco"):
+            raise ValueError(f"DATASETS.TEST[0]={cfg.DATASETS.TEST[0]!r} has evaluator_type {kind!r}; the search "
+                             "scores trials with 'pascal_voc' (AP50) or 'coco' (AP) datasets")
+        self.metric = "AP50" if kind == "pascal_voc" else "AP"
+
+    def _config(self, overrides: Mapping[str, float]):
+        return self.base.replace(ratio=None, target_macs_cut=None, target_latency_cut=None, rank_policy="uniform",
+                                 overrides=dict(overrides))
+
+    def size_ratio(self, overrides: Mapping[str, float], measure: str) -> float:
+        from lrpet_dense.search import plan_size_ratio
+
+        from .hook import build_plan
+
+        return plan_size_ratio(build_plan(self.model, self.layers, self._config(overrides), self.hw), measure)
+
+    def train_and_score(self, overrides: Mapping[str, float], work_dir: str, seed: int) -> float:
+        from detectron2.utils.env import seed_all_rng
+
+        from lrpet_dense.cli.train_det import Trainer
+
+        from .deploy import compress_model_
+        from .pairing import unwrap_model
+        from .report import evaluate_detector
+
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        cfg.LRPET.OVERRIDES = [v for k, r in overrides.items() for v in (k, float(r))]
+        cfg.LRPET.RATIO, cfg.LRPET.TARGET_MACS_CUT, cfg.LRPET.TARGET_LATENCY_CUT = None, None, None
+        cfg.LRPET.RANK_POLICY = "uniform"
+        cfg.LRPET.INTERVAL = min(cfg.LRPET.INTERVAL, max(self.iters // 4, 1))
+        cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.LR_SCHEDULER_NAME = self.iters, (), "WarmupCosineLR"
+        cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, self.iters // 4)
+        cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD = 10 ** 9, 0
+        cfg.OUTPUT_DIR, cfg.SEED = work_dir, seed
+        cfg.freeze()
+        seed_all_rng(seed)
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        model = unwrap_model(trainer.model)
+        check_finite(model)  # a diverged trial is pruned by the search, not fatal
+        hook = next(h for h in trainer._hooks if type(h).__name__ == "LRPETHook")
+        compress_model_(model, hook.plan)
+        return float(evaluate_detector(cfg, model.eval())[0])

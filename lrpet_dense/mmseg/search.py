@@ -1,0 +1,84 @@
+"""LRPET-S trials for mmseg: a short LRPET training of the user's config with per-group ratios.
+
+See :mod:`lrpet_dense.search`. Each trial runs mmengine's runner on the config (its model, data,
+optimizer, ``load_from`` as the starting weights) for ``iters`` iterations with a poly schedule
+annealed to 1e-4 and the ``LRPETHook`` options of the config with the trial's overrides; the model
+is then factorised (checked) and evaluated with the config's ``test_evaluator`` on its
+``test_dataloader``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Mapping, Optional
+
+from mmengine.config import Config
+
+from lrpet_dense.search import TrialRunner, check_finite
+
+from .config import lrpet_config
+
+__all__ = ["SegTrialRunner"]
+
+
+class SegTrialRunner(TrialRunner):
+    """Trials of an mmseg config that has an ``LRPETHook`` (its options select the layers).
+
+    Args:
+        cfg: the mmengine config (with ``custom_hooks=[dict(type='LRPETHook', ...)]``).
+        iters: training iterations per trial (> 0).
+        load_from: starting weights (default: the config's ``load_from``; None = random init).
+    """
+
+    metric = "mIoU"
+
+    def __init__(self, cfg: Config, iters: int, load_from: Optional[str] = None):
+        from .deploy import load_model
+        from .pairing import pair_convs
+
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"trial iterations must be a positive integer, got {iters!r}")
+        self.cfg, self.iters = cfg, iters
+        self.base = lrpet_config(cfg)  # raises when the config has no LRPETHook
+        self.load_from = load_from if load_from is not None else cfg.get("load_from")
+        self.model, _ = load_model(cfg, self.load_from)
+        self.layers = pair_convs(self.model, self.base).layers
+        self.names = [l.name for l in self.layers]
+
+    def _config(self, overrides: Mapping[str, float]):
+        return self.base.replace(ratio=None, target_macs_cut=None, target_latency_cut=None, rank_policy="uniform",
+                                 overrides=dict(overrides))
+
+    def size_ratio(self, overrides: Mapping[str, float], measure: str) -> float:
+        from lrpet_dense.search import plan_size_ratio
+
+        from .hook import build_plan
+
+        return plan_size_ratio(build_plan(self.model, self.layers, self._config(overrides)), measure)
+
+    def train_and_score(self, overrides: Mapping[str, float], work_dir: str, seed: int) -> float:
+        from mmengine.runner import Runner
+
+        from .deploy import compress_model_
+        from .pairing import unwrap_model
+        from .report import evaluate_segmentor
+
+        cfg = copy.deepcopy(self.cfg)
+        cfg.work_dir = work_dir
+        cfg.experiment_name = f"lrpet_search_{os.path.basename(work_dir)}_{os.getpid()}"
+        cfg.load_from, cfg.resume = self.load_from, False
+        hooks = [dict(h) for h in cfg.get("custom_hooks", []) if dict(h).get("type") != "LRPETHook"]
+        options = self._config(overrides).to_dict()
+        options["interval"] = min(options["interval"], max(self.iters // 4, 1))
+        cfg.custom_hooks = hooks + [dict(type="LRPETHook", **options)]
+        cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=self.iters, val_interval=10 ** 9)
+        cfg.param_scheduler = [dict(type="PolyLR", eta_min=1e-4, power=0.9, begin=0, end=self.iters, by_epoch=False)]
+        cfg.default_hooks.checkpoint = None
+        cfg.randomness = dict(seed=seed)
+        runner = Runner.from_cfg(cfg)
+        runner.train()
+        model = unwrap_model(runner.model)
+        check_finite(model)  # a diverged trial is pruned by the search, not fatal
+        hook = next(h for h in runner.hooks if type(h).__name__ == "LRPETHook")
+        compress_model_(model, hook.plan)
+        return float(evaluate_segmentor(cfg, model)[self.metric])

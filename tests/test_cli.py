@@ -69,6 +69,11 @@ def test_documented_detectron2_entry_works_verbatim_from_an_empty_directory(tmp_
     assert "VOC2007" in text and "No such file" in text  # stopped at the dataset, past config and model
     code, text = _run([sys.executable, REPO / "tools" / "train_det.py", "--config", "faster_rcnn_nope.yaml"], empty)
     assert code != 0 and "faster_rcnn_nope.yaml" in text and "toy/faster_rcnn_lrpet_toy.yaml" in text
+    # the console script hands detectron2's own options over as they are (argparse would refuse "--config")
+    code, text = _run([CLI, "train-det", "--config", "faster_rcnn_nope.yaml"], empty)
+    assert code != 0 and "unrecognized arguments" not in text and "toy/faster_rcnn_lrpet_toy.yaml" in text
+    code, text = _run([CLI, "train-det", "--help"], empty)
+    assert code == 0 and "--config-file" in text and "--eval-only" in text
 
 
 def test_mmseg_train_tool_runs_a_shipped_config_found_by_the_path_call(seg_toy_data, tmp_path):

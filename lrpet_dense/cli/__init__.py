@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``lrpet-dense``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-det"]:
+        # argparse's REMAINDER does not take arguments that start with "-" right after a subcommand,
+        # so detectron2's own command line (``--config ...``) is handed over as it is.
+        from .train_det import run as train
+
+        train(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)
 

@@ -65,11 +65,13 @@ else
   pip_install -e "$ROOT[all]"
   touch "$VENV/.lrpet_stack_ok"
 fi
-# Always refresh the editable install (cheap) so new entry points / extras are picked up.
-pip_install --no-deps -e "$ROOT"
+# Always refresh the editable install with its extras (cheap when satisfied) so that new entry
+# points and newly pinned dependencies reach an existing .venv/ too.
+pip_install -e "$ROOT[all]"
 "$VPY" - <<'PY'
 import torch, torchvision, detectron2, mmcv, mmengine, mmseg, fvcore, pycocotools  # noqa: F401
 import detectron2._C, mmcv.ops  # noqa: F401  compiled ops must import
+import optuna, onnx, onnxruntime, torch_pruning  # noqa: F401  search, export, pruning baseline
 import lrpet_dense
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, detectron2 {detectron2.__version__}, "
       f"mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, mmseg {mmseg.__version__}, "

@@ -32,6 +32,9 @@ def test_console_script_lists_the_subcommands(tmp_path):
     assert _run([CLI, "--version"], tmp_path) == (0, f"lrpet-dense {lrpet_dense.__version__}\n")
     code, text = _run([sys.executable, "-m", "lrpet_dense", "compress", "det", "--help"], tmp_path)
     assert code == 0 and "--project" in text and "--plan-from-config" in text
+    for sub in (["compress", "seg"], ["export", "seg"]):  # errors are one line and exit status 2
+        code, text = _run([CLI, *sub, "toy/pspnet_r50-d8_lrpet_toy.py", tmp_path / "nope.pth", tmp_path / "x"], tmp_path)
+        assert code == 2 and "error: checkpoint" in text and "nope.pth' does not exist" in text, text[-2000:]
 
 
 def test_config_path_by_name_and_unknown_name(tmp_path):

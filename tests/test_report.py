@@ -137,7 +137,7 @@ def d2_report(d2_run, d2_toy_voc, tmp_path_factory):
     work = tmp_path_factory.mktemp("d2_report")
     compressed = work / "model_compressed.pth"
     env = {"LRPET_TOY_VOC": d2_toy_voc}
-    run_tool(["tools/compress_det.py", "--config", D2_TOY_CFG, "--checkpoint", out / "model_final.pth",
+    run_tool(["-m", "lrpet_dense", "compress", "det", "--config", D2_TOY_CFG, "--checkpoint", out / "model_final.pth",
               "--output", compressed, "--no-flops", *D2_TINY], env, timeout=900)
     text = run_tool(["tools/report.py", "det", "--config", D2_TOY_CFG, "--checkpoint", out / "model_final.pth",
                      "--compressed", compressed, "--out", work / "report", "--repeats", "1", "--warmup", "0",
@@ -204,7 +204,7 @@ def seg_report(seg_run, seg_toy_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("seg_report")
     compressed = work / "compressed.pth"
     env = {"LRPET_TOY_VOC_ROOT": str(seg_toy_data)}
-    run_tool(["tools/compress_seg.py", SEG_TOY_CFG, seg_run / "iter_3.pth", compressed], env, timeout=900)
+    run_tool(["-m", "lrpet_dense", "compress", "seg", SEG_TOY_CFG, seg_run / "iter_3.pth", compressed], env, timeout=900)
     text = run_tool(["tools/report.py", "seg", SEG_TOY_CFG, seg_run / "iter_3.pth", compressed,
                      "--out", work / "report", "--repeats", "1", "--warmup", "0", "--threads", "1"], env, timeout=900)
     return seg_run, compressed, work / "report", text

@@ -52,10 +52,10 @@ def add_parser(sub) -> None:
     fw = p.add_subparsers(dest="framework", required=True, metavar="{det,seg}")
     d = fw.add_parser("det", help="a detectron2 checkpoint")
     fill_det_parser(d)
-    d.set_defaults(run=lambda args: _finish(_compress_det(args)))
+    d.set_defaults(run=lambda args: _finish(lambda: _compress_det(args)))
     s = fw.add_parser("seg", help="an mmseg checkpoint")
     fill_seg_parser(s)
-    s.set_defaults(run=lambda args: _finish(_compress_seg(args)))
+    s.set_defaults(run=lambda args: _finish(lambda: _compress_seg(args)))
 
 
 def fill_det_parser(p: argparse.ArgumentParser) -> None:

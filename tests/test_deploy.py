@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from conftest import D2_TINY, D2_TOY_CFG, REPO, SEG_TOY_CFG
 
 from lrpet_dense.core import ConvBN, FactorizedConv2d, LayerSpec, LRPETConfig, build_rank_plan, factorize_, lrpet_project
 from lrpet_dense.core.deploy import fold_bn_, to_inference_layout_
+from lrpet_dense.core.factorize import PointwiseConv2d
 from lrpet_dense.core.latency import LatencyTable, measure_latency_table
 
 pytestmark = pytest.mark.timeout(600)
@@ -50,8 +52,29 @@ def test_fold_bn_into_dense_and_factorised_convs_is_exact_in_float64():
         shared = nn.BatchNorm2d(16)
         fold_bn_(nn.Sequential(nn.Conv2d(3, 16, 1), shared), [ConvBN("a", nn.Conv2d(3, 16, 1), shared),
                                                               ConvBN("b", nn.Conv2d(3, 16, 1), shared)])
+    keys = list(net.state_dict())
     to_inference_layout_(net)
     assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # the dense 1x1 conv gets the oneDNN kernel of PointwiseConv2d: same parameters; float64 takes nn.Conv2d's path
+    assert type(net[6]) is PointwiseConv2d and list(net.state_dict()) == keys
+    torch.testing.assert_close(net(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_pointwise_kernel_of_the_inference_layout_is_within_float32_rounding():
+    """The swapped 1x1 conv's float32 oneDNN result against the float64 product: within the error bound of a
+    length-K float32 dot product, ``K * u * (|W| |x| + |b|)`` (u = 2^-24), a bound and not a fitted tolerance."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 48, 1).eval()
+    x = torch.randn(1, 64, 7, 9).contiguous(memory_format=torch.channels_last)
+    w64, b64, x64 = conv.weight.double(), conv.bias.double(), x.double()
+    exact = F.conv2d(x64, w64, b64)
+    bound = F.conv2d(x64.abs(), w64.abs(), b64.abs()) * 64 * 2.0 ** -24 / (1 - 64 * 2.0 ** -24)
+    to_inference_layout_(conv)
+    assert type(conv) is PointwiseConv2d
+    with torch.no_grad():
+        fast = conv(x)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    assert bool(((fast.double() - exact).abs() <= bound).all())
 
 
 def test_rank_multiple_rounds_ranks_down():
@@ -122,6 +145,12 @@ def test_detectron2_inference_form_and_onnx(d2_small_ckpts, d2_toy_voc, tmp_path
     to_inference_(model)  # raises if the folded detector's pre-NMS outputs differ (float64)
     norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d,)) or type(m).__name__ == "FrozenBatchNorm2d"]
     assert not norms and model.backbone.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    from detectron2.layers import Conv2d as D2Conv2d
+
+    pointwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+                 and m.stride == (1, 1) and m.groups == 1 and type(m) is not PointwiseConv2d
+                 and not (isinstance(m, D2Conv2d) and m.activation is not None)]
+    assert not pointwise, "every unstrided 1x1 conv of the folded detector runs on the oneDNN kernel"
 
     out = tmp_path / "det.onnx"
     code, text = _run([CLI, "export", "det", "--config", D2_TOY_CFG, "--checkpoint", d2_small_ckpts[0], "--output", out,

@@ -8,18 +8,19 @@ factorisation, so plain-list references are replaced too). The folded model comp
 unfolded one computes in eval mode (running statistics): inference only; training it is an error.
 
 :func:`to_inference_layout_` converts the weights to ``channels_last`` on CPU, the layout in which
-oneDNN runs the thin 1x1 convs of factorised layers fastest (``benchmarks/README.md``); PyTorch then
-keeps activations channels_last from the first conv on, so inputs need no conversion.
+oneDNN runs the thin 1x1 convs of factorised layers fastest (``benchmarks/README.md``), and gives the
+1x1 convs left dense the same oneDNN kernel; PyTorch then keeps activations channels_last from the
+first conv on, so inputs need no conversion.
 """
 from __future__ import annotations
 
 import logging
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .factorize import FactorizedConv2d, _replace_everywhere
+from .factorize import FactorizedConv2d, PointwiseConv2d, _is_pointwise, _replace_everywhere
 from .projection import ConvBN, _bn_scale
 
 __all__ = ["fold_bn_", "to_inference_layout_"]
@@ -84,8 +85,36 @@ def fold_bn_(model: nn.Module, layers: Sequence[ConvBN]) -> List[str]:
     return [n for n, _, _ in todo]
 
 
-def to_inference_layout_(model: nn.Module) -> nn.Module:
-    """``channels_last`` weights on CPU (oneDNN's fast layout for the factorised 1x1 convs); no-op elsewhere."""
+def _plain_pointwise(m: nn.Module, conv_types: Tuple[type, ...]) -> bool:
+    """A dense unstrided 1x1 conv whose forward is exactly ``nn.Conv2d``'s (given the types allowed)."""
+    if type(m) is not nn.Conv2d and type(m) not in conv_types:
+        return False
+    if type(m) is not nn.Conv2d:  # a framework's Conv2d: only when its norm was folded and it has no activation
+        norm = getattr(m, "norm", None)
+        if not (norm is None or isinstance(norm, nn.Identity)) or getattr(m, "activation", None) is not None:
+            return False
+    return m.groups == 1 and _is_pointwise(m.kernel_size, m.stride, m.padding, m.dilation, m.padding_mode)
+
+
+def to_inference_layout_(model: nn.Module, conv_types: Tuple[type, ...] = ()) -> nn.Module:
+    """On CPU: ``channels_last`` weights, and every dense unstrided 1x1 conv on the oneDNN kernel; no-op elsewhere.
+
+    channels_last is oneDNN's fast layout for the thin 1x1 convs of factorised layers. The 1x1 convs
+    left dense get the same kernel (their class becomes :class:`PointwiseConv2d`: the same parameters
+    and, outside CPU float32 inference, the same ``nn.Conv2d`` forward), so that a layer is not faster
+    factorised only because of its kernel, and the dense parts of the model gain too.
+
+    Args:
+        conv_types: ``nn.Conv2d`` subclasses of a framework whose forward is ``nn.Conv2d``'s once their
+            ``norm`` is folded (``None`` or ``nn.Identity``) and ``activation`` is None (detectron2's
+            ``Conv2d``). Plain ``nn.Conv2d`` always qualifies.
+    """
     if all(p.device.type == "cpu" for p in model.parameters()):
+        swapped = 0
+        for m in model.modules():
+            if _plain_pointwise(m, tuple(conv_types)):
+                m.__class__ = PointwiseConv2d
+                swapped += 1
         model.to(memory_format=torch.channels_last)
+        logger.info("inference layout: channels_last, %d dense 1x1 convs on the oneDNN kernel", swapped)
     return model

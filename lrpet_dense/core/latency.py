@@ -26,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .deploy import to_inference_layout_
 from .factorize import FactorizedConv2d
 from .projection import ConvBN
 
@@ -91,10 +92,15 @@ def _time(fn, x: torch.Tensor, repeats: int, device: torch.device) -> float:
     return times[len(times) // 2]
 
 
+#: how a table is measured; a cached table measured another way is measured again
+_METHOD = "v2: dense convs in the deploy path's inference layout (1x1 on the oneDNN kernel)"
+
+
 def _key(layers: Sequence[Tuple[ConvBN, Tuple[int, int]]], device: torch.device, step: int, repeats: int) -> str:
     parts = [f"{l.name}:{tuple(l.conv.weight.shape)}:{hw}:{l.conv.stride}:{l.conv.padding}:{l.conv.dilation}"
              for l, hw in layers]
-    parts += [str(device), str(torch.get_num_threads()), torch.__version__, platform.processor(), str(step), str(repeats)]
+    parts += [str(device), str(torch.get_num_threads()), torch.__version__, platform.processor(), str(step), str(repeats),
+              _METHOD]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -131,7 +137,8 @@ def measure_latency_table(layers: Sequence[ConvBN], in_sizes: Mapping[str, Tuple
         conv = layer.conv
         x = torch.randn(1, conv.in_channels, *hw, device=device).contiguous(memory_format=fmt)
         dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          conv.dilation, bias=conv.bias is not None).to(device).eval().to(memory_format=fmt)
+                          conv.dilation, bias=conv.bias is not None).to(device).eval()
+        to_inference_layout_(dense)  # as the deploy path runs a conv left dense (1x1: the oneDNN kernel on CPU)
         full = min(conv.out_channels, conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1])
         ranks = _candidate_ranks(full, step)
         times = []

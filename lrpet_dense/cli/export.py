@@ -19,7 +19,6 @@ file is not kept.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List, Optional
 
@@ -65,17 +64,12 @@ def _report(result: dict, path: str) -> int:
 
 
 def _export_det(args) -> int:
-    from detectron2.config import get_cfg
-
-    from lrpet_dense.configs import resolve
-    from lrpet_dense.detectron2 import add_lrpet_config, export_onnx, load_model, to_inference_
+    from lrpet_dense.detectron2 import export_onnx, load_model, to_inference_
     from lrpet_dense.detectron2.hook import default_plan_hw
 
-    cfg = get_cfg()
-    add_lrpet_config(cfg)
-    cfg.merge_from_file(resolve(args.config_file))
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    from .common import det_config
+
+    cfg = det_config(args.config_file, args.opts)
     model, _ = load_model(cfg, args.checkpoint)
     hw = tuple(args.input_size) if args.input_size else default_plan_hw(cfg)
     if not args.keep_bn:
@@ -84,15 +78,12 @@ def _export_det(args) -> int:
 
 
 def _export_seg(args) -> int:
-    from mmengine.config import Config
-
-    from lrpet_dense.configs import resolve
     from lrpet_dense.mmseg import export_onnx, load_model, to_inference_
     from lrpet_dense.mmseg.hook import default_plan_hw
 
-    cfg = Config.fromfile(resolve(args.config))
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    from .common import seg_config
+
+    cfg = seg_config(args.config, args.cfg_options)
     model, _ = load_model(cfg, args.checkpoint)
     hw = tuple(args.input_size) if args.input_size else default_plan_hw(model)
     if not args.keep_bn:
@@ -111,8 +102,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _guarded(fn, args) -> int:
     try:
         return fn(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        if os.path.exists(args.output) and "ONNX Runtime" in str(e):  # a file that failed its check is not kept
-            os.unlink(args.output)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # a file that failed its check was never written
         print(f"error: {e}", file=sys.stderr)
         return 2

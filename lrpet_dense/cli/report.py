@@ -75,23 +75,17 @@ def fill_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _measure_det(args) -> dict:
-    from detectron2.config import get_cfg
     from detectron2.utils.logger import setup_logger
 
     from lrpet_dense.configs import resolve
-    from lrpet_dense.detectron2 import add_lrpet_config, register_toy_voc_from_env
     from lrpet_dense.detectron2.report import measure
+
+    from .common import det_config
 
     setup_logger(name="detectron2")
     setup_logger(name="lrpet_dense")
-    cfg = get_cfg()
-    add_lrpet_config(cfg)
-    path = resolve(args.config_file)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    register_toy_voc_from_env()
-    return measure(cfg, args.checkpoint, args.compressed, config=path, **_options(args))
+    cfg = det_config(args.config_file, args.opts)
+    return measure(cfg, args.checkpoint, args.compressed, config=resolve(args.config_file), **_options(args))
 
 
 def _options(args) -> dict:
@@ -101,15 +95,12 @@ def _options(args) -> dict:
 
 
 def _measure_seg(args) -> dict:
-    from mmengine.config import Config
-
-    from lrpet_dense.configs import resolve
     from lrpet_dense.mmseg.report import measure
 
+    from .common import seg_config
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = Config.fromfile(resolve(args.config))
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = seg_config(args.config, args.cfg_options)
     return measure(cfg, args.checkpoint, args.compressed, **_options(args))
 
 

@@ -67,33 +67,22 @@ def add_parser(sub) -> None:
 
 
 def _runner_det(args):
-    from detectron2.config import get_cfg
     from detectron2.utils.logger import setup_logger
 
-    from lrpet_dense.configs import resolve
-    from lrpet_dense.detectron2 import add_lrpet_config, register_toy_voc_from_env
     from lrpet_dense.detectron2.search import DetTrialRunner
 
+    from .common import det_config
+
     setup_logger(name="lrpet_dense")
-    cfg = get_cfg()
-    add_lrpet_config(cfg)
-    cfg.merge_from_file(resolve(args.config_file))
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    register_toy_voc_from_env()
-    return DetTrialRunner(cfg, args.trial_iters)
+    return DetTrialRunner(det_config(args.config_file, args.opts), args.trial_iters)
 
 
 def _runner_seg(args):
-    from mmengine.config import Config
-
-    from lrpet_dense.configs import resolve
     from lrpet_dense.mmseg.search import SegTrialRunner
 
-    cfg = Config.fromfile(resolve(args.config))
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    return SegTrialRunner(cfg, args.trial_iters, args.load_from)
+    from .common import seg_config
+
+    return SegTrialRunner(seg_config(args.config, args.cfg_options), args.trial_iters, args.load_from)
 
 
 def _guarded(make_runner, args) -> int:

@@ -15,17 +15,22 @@ first conv on, so inputs need no conversion.
 from __future__ import annotations
 
 import logging
-from typing import List, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .config import LRPETConfig
 from .factorize import FactorizedConv2d, PointwiseConv2d, _is_pointwise, _replace_everywhere
 from .projection import ConvBN, _bn_scale
+from .verify import transform_checked_
 
-__all__ = ["fold_bn_", "to_inference_layout_"]
+__all__ = ["fold_bn_", "to_inference_layout_", "to_inference_checked_", "EVERY_CONV"]
 
 logger = logging.getLogger(__name__)
+
+#: Options that select every conv (frozen ones included): what the BatchNorm folding pairs.
+EVERY_CONV = LRPETConfig(include=("*",), include_frozen=True)
 
 #: Attribute set on a model whose BatchNorms were folded (inference only).
 FOLDED_ATTR = "_lrpet_bn_folded"
@@ -118,3 +123,20 @@ def to_inference_layout_(model: nn.Module, conv_types: Tuple[type, ...] = ()) ->
         model.to(memory_format=torch.channels_last)
         logger.info("inference layout: channels_last, %d dense 1x1 convs on the oneDNN kernel", swapped)
     return model
+
+
+def to_inference_checked_(model: nn.Module, layers_of: Callable[[nn.Module], Sequence[ConvBN]],
+                          outputs: Callable[[nn.Module], Any], *, conv_types: Tuple[type, ...] = (),
+                          rtol: float = 1e-4, what: str = "the model with its BatchNorms folded") -> nn.Module:
+    """The deploy path's inference form, in place: :func:`fold_bn_` checked first on a copy, then
+    :func:`to_inference_layout_`.
+
+    Args:
+        layers_of: the ``(name, conv, bn)`` triples of a model (a framework adapter's ``pair_convs`` with
+            :data:`EVERY_CONV`, factorised convs included); called on the copy and on ``model``.
+        outputs: the model's pre-discrete outputs on a fixed input; the folded copy's must equal the
+            model's in float64 (:func:`~lrpet_dense.core.verify.transform_checked_`), else nothing changes.
+        conv_types: passed to :func:`to_inference_layout_`.
+    """
+    transform_checked_(model, lambda m: fold_bn_(m, layers_of(m)), outputs, rtol=rtol, what=what)
+    return to_inference_layout_(model, conv_types)

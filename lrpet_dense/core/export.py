@@ -31,11 +31,14 @@ def _need(module: str) -> Any:
 
 def export_onnx(module: torch.nn.Module, args: Tuple[torch.Tensor, ...], path: str, *, dynamo: bool,
                 opset: int = 17, input_names: Optional[Sequence[str]] = None,
-                output_names: Optional[Sequence[str]] = None) -> str:
-    """``torch.onnx.export`` of ``module(*args)`` to ``path``, written atomically and checked by ``onnx``.
+                output_names: Optional[Sequence[str]] = None,
+                check: Optional[Callable[[str], Dict[str, float]]] = None) -> Dict[str, float]:
+    """``torch.onnx.export`` of ``module(*args)`` to ``path``, checked by ``onnx`` and by ``check`` (e.g.
+    :func:`check_onnx` against PyTorch's outputs) before it is moved into place: a file that fails a
+    check is never written to ``path``.
 
     Returns:
-        ``path``.
+        What ``check`` returns (``{}`` without one).
     """
     onnx = _need("onnx")
     if dynamo:
@@ -51,11 +54,12 @@ def export_onnx(module: torch.nn.Module, args: Tuple[torch.Tensor, ...], path: s
                               output_names=output_names)
         module.eval()  # the TorchScript exporter restores the modes it found: keep inference mode
         onnx.checker.check_model(tmp)
+        result = check(tmp) if check is not None else {}
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+    return result
 
 
 def ort_session(path: str, threads: Optional[int] = None):

@@ -267,8 +267,6 @@ def compressed_plan_of(weights: str) -> Optional[RankPlan]:
     return plan_from_checkpoint(ckpt)
 
 
-_EVERY_CONV = LRPETConfig(include=("*",), include_frozen=True)
-
 
 def to_inference_(model: nn.Module, *, check_hw: Tuple[int, int] = (160, 160), rtol: float = 1e-4) -> nn.Module:
     """The deploy path's inference form, in place: every BatchNorm after a conv (dense or factorised)
@@ -281,16 +279,15 @@ def to_inference_(model: nn.Module, *, check_hw: Tuple[int, int] = (160, 160), r
     Returns:
         ``model`` (unwrapped), in eval mode.
     """
-    from lrpet_dense.core.deploy import fold_bn_, to_inference_layout_
-    from lrpet_dense.core.verify import transform_checked_
+    from detectron2.layers import Conv2d as D2Conv2d
+
+    from lrpet_dense.core.deploy import EVERY_CONV, to_inference_checked_
 
     model = unwrap_model(model).eval()
     image = torch.rand(3, *check_hw, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 255
-    transform_checked_(model, lambda m: fold_bn_(m, pair_convs(m, _EVERY_CONV, factorized=True).layers),
-                       lambda m: output_tensors(m, image), rtol=rtol, what="the detector with its BatchNorms folded")
-    from detectron2.layers import Conv2d as D2Conv2d
-
-    return to_inference_layout_(model, conv_types=(D2Conv2d,))
+    return to_inference_checked_(model, lambda m: pair_convs(m, EVERY_CONV, factorized=True).layers,
+                                 lambda m: output_tensors(m, image), conv_types=(D2Conv2d,), rtol=rtol,
+                                 what="the detector with its BatchNorms folded")
 
 
 #: the first ONNX opset whose RoiAlign has the half-pixel (``aligned=True``) mode detectron2 uses
@@ -327,10 +324,11 @@ def export_onnx(model: nn.Module, path: str, image_hw: Tuple[int, int]) -> Dict[
         return [{"instances": m.inference(inputs, do_postprocess=False)[0]}]
 
     adapter = TracingAdapter(model, [{"image": image}], inference).eval()
-    _export(adapter, (image,), path, dynamo=False, opset=max(STABLE_ONNX_OPSET_VERSION, ROI_OPSET))
     with torch.no_grad():
         reference = adapter(image)
-    check = check_onnx(path, [image], reference, compare=lambda outs, ref: _match_detections(adapter, outs, ref))
+    check = _export(adapter, (image,), path, dynamo=False, opset=max(STABLE_ONNX_OPSET_VERSION, ROI_OPSET),
+                    check=lambda f: check_onnx(f, [image], reference,
+                                               compare=lambda outs, ref: _match_detections(adapter, outs, ref)))
     return {"inputs": [list(image.shape)], "outputs": len(reference), "check": check}
 
 

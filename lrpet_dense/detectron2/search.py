@@ -33,15 +33,12 @@ class DetTrialRunner(TrialRunner):
         from .hook import default_plan_hw
         from .pairing import pair_convs
 
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"trial iterations must be a positive integer, got {iters!r}")
         if not cfg.LRPET.ENABLED:
             raise ValueError("the config has LRPET.ENABLED False: the search trains with LRPET (set LRPET.ENABLED True)")
-        self.cfg, self.iters = cfg, iters
-        self.base = lrpet_config(cfg)
-        self.model = build_model(cfg)
-        self.layers = pair_convs(self.model, self.base).layers
-        self.names = [l.name for l in self.layers]
+        base = lrpet_config(cfg)
+        model = build_model(cfg)
+        super().__init__(iters, base, model, pair_convs(model, base).layers)
+        self.cfg = cfg
         self.hw = default_plan_hw(cfg)
         from detectron2.data import MetadataCatalog
 
@@ -51,16 +48,10 @@ class DetTrialRunner(TrialRunner):
                              "scores trials with 'pascal_voc' (AP50) or 'coco' (AP) datasets")
         self.metric = "AP50" if kind == "pascal_voc" else "AP"
 
-    def _config(self, overrides: Mapping[str, float]):
-        return self.base.replace(ratio=None, target_macs_cut=None, target_latency_cut=None, rank_policy="uniform",
-                                 overrides=dict(overrides))
-
-    def size_ratio(self, overrides: Mapping[str, float], measure: str) -> float:
-        from lrpet_dense.search import plan_size_ratio
-
+    def build_plan(self, config):
         from .hook import build_plan
 
-        return plan_size_ratio(build_plan(self.model, self.layers, self._config(overrides), self.hw), measure)
+        return build_plan(self.model, self.layers, config, self.hw)
 
     def train_and_score(self, overrides: Mapping[str, float], work_dir: str, seed: int) -> float:
         from detectron2.utils.env import seed_all_rng

@@ -227,8 +227,6 @@ def count_complexity(model: nn.Module, input_hw: Tuple[int, int]) -> Dict[str, D
     return out
 
 
-_EVERY_CONV = LRPETConfig(include=("*",), include_frozen=True)
-
 
 def to_inference_(model: nn.Module, *, check_hw: Tuple[int, int] = (64, 64), rtol: float = 1e-4) -> nn.Module:
     """The deploy path's inference form, in place: every BatchNorm after a conv (dense or factorised)
@@ -237,14 +235,12 @@ def to_inference_(model: nn.Module, *, check_hw: Tuple[int, int] = (64, 64), rto
     As the detectron2 adapter's: checked first on a copy (logits, :func:`output_tensors`, float64),
     nothing changes otherwise; inference only. Returns ``model`` in eval mode.
     """
-    from lrpet_dense.core.deploy import fold_bn_, to_inference_layout_
-    from lrpet_dense.core.verify import transform_checked_
+    from lrpet_dense.core.deploy import EVERY_CONV, to_inference_checked_
 
     model = unwrap_model(model).eval()
     x = torch.randn(1, 3, *check_hw, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    transform_checked_(model, lambda m: fold_bn_(m, pair_convs(m, _EVERY_CONV, factorized=True).layers),
-                       lambda m: output_tensors(m, x), rtol=rtol, what="the segmentor with its BatchNorms folded")
-    return to_inference_layout_(model)
+    return to_inference_checked_(model, lambda m: pair_convs(m, EVERY_CONV, factorized=True).layers,
+                                 lambda m: output_tensors(m, x), rtol=rtol, what="the segmentor with its BatchNorms folded")
 
 
 class _TensorMode(nn.Module):
@@ -278,7 +274,8 @@ def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int]) -> Dict[
     param = next(model.parameters())
     x = torch.randn(1, 3, *input_hw, generator=torch.Generator().manual_seed(0)).to(param.device)
     wrapper = _TensorMode(model).eval()
-    _export(wrapper, (x,), path, dynamo=True, opset=18, input_names=["image"], output_names=["logits"])
     with torch.no_grad():
         reference = wrapper(x)
-    return {"inputs": [list(x.shape)], "outputs": 1, "check": check_onnx(path, [x], [reference])}
+    check = _export(wrapper, (x,), path, dynamo=True, opset=18, input_names=["image"], output_names=["logits"],
+                    check=lambda f: check_onnx(f, [x], [reference]))
+    return {"inputs": [list(x.shape)], "outputs": 1, "check": check}

@@ -36,25 +36,16 @@ class SegTrialRunner(TrialRunner):
         from .deploy import load_model
         from .pairing import pair_convs
 
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"trial iterations must be a positive integer, got {iters!r}")
-        self.cfg, self.iters = cfg, iters
-        self.base = lrpet_config(cfg)  # raises when the config has no LRPETHook
+        base = lrpet_config(cfg)  # raises when the config has no LRPETHook
         self.load_from = load_from if load_from is not None else cfg.get("load_from")
-        self.model, _ = load_model(cfg, self.load_from)
-        self.layers = pair_convs(self.model, self.base).layers
-        self.names = [l.name for l in self.layers]
+        model, _ = load_model(cfg, self.load_from)
+        super().__init__(iters, base, model, pair_convs(model, base).layers)
+        self.cfg = cfg
 
-    def _config(self, overrides: Mapping[str, float]):
-        return self.base.replace(ratio=None, target_macs_cut=None, target_latency_cut=None, rank_policy="uniform",
-                                 overrides=dict(overrides))
-
-    def size_ratio(self, overrides: Mapping[str, float], measure: str) -> float:
-        from lrpet_dense.search import plan_size_ratio
-
+    def build_plan(self, config):
         from .hook import build_plan
 
-        return plan_size_ratio(build_plan(self.model, self.layers, self._config(overrides)), measure)
+        return build_plan(self.model, self.layers, config)
 
     def train_and_score(self, overrides: Mapping[str, float], work_dir: str, seed: int) -> float:
         from mmengine.runner import Runner
@@ -68,7 +59,7 @@ class SegTrialRunner(TrialRunner):
         cfg.experiment_name = f"lrpet_search_{os.path.basename(work_dir)}_{os.getpid()}"
         cfg.load_from, cfg.resume = self.load_from, False
         hooks = [dict(h) for h in cfg.get("custom_hooks", []) if dict(h).get("type") != "LRPETHook"]
-        options = self._config(overrides).to_dict()
+        options = self.trial_config(overrides).to_dict()
         options["interval"] = min(options["interval"], max(self.iters // 4, 1))
         cfg.custom_hooks = hooks + [dict(type="LRPETHook", **options)]
         cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=self.iters, val_interval=10 ** 9)

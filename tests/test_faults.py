@@ -35,6 +35,9 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _load(path):
+    # mmseg's runner writes stock mmengine checkpoints (HistoryBuffer in message_hub): weights-only loading
+    # needs the plugin's allow-list, which importing lrpet_dense.mmseg registers (as in the tools)
+    import lrpet_dense.mmseg  # noqa: F401
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from conftest import D2_TINY, D2_TOY_CFG, REPO, SEG_TOY_CFG
 
 from lrpet_dense.core import ConvBN, FactorizedConv2d, LayerSpec, LRPETConfig, build_rank_plan, factorize_, lrpet_project
-from lrpet_dense.core.deploy import fold_bn_, to_inference_layout_
+from lrpet_dense.core.deploy import fold_bn_, to_inference_layout_, unaligned_ranks
 from lrpet_dense.core.factorize import PointwiseConv2d
 from lrpet_dense.core.latency import LatencyTable, measure_latency_table
 
@@ -93,6 +93,16 @@ def _table():
         "fast": {"dense": 10.0, "ranks": [1, 64, 128, 256], "factorized": [1.0, 3.0, 6.0, 12.0]},
         "slow": {"dense": 2.0, "ranks": [1, 64, 128, 256], "factorized": [2.5, 3.0, 3.5, 4.0]},
     })
+
+
+def test_unaligned_ranks_names_the_factorised_convs_export_warns_about():
+    net = nn.Sequential(FactorizedConv2d(64, 64, 3, rank=18, padding=1),  # unaligned
+                        FactorizedConv2d(64, 64, 1, rank=32),              # a multiple of 16
+                        FactorizedConv2d(8, 8, 1, rank=5),                 # too narrow to have an aligned rank
+                        nn.Conv2d(8, 8, 1))
+    assert unaligned_ranks(net, 16) == (["0"], 3)
+    assert unaligned_ranks(net, 4) == (["0", "2"], 3)
+    assert unaligned_ranks(nn.Conv2d(8, 8, 1)) == ([], 0)
 
 
 def test_latency_plan_cuts_measured_latency_and_leaves_slow_layers_dense():

@@ -57,9 +57,16 @@ def add_parser(sub) -> None:
     fill_parser(p)
 
 
-def _report(result: dict, path: str) -> int:
+def _report(result: dict, path: str, model) -> int:
+    from lrpet_dense.core.deploy import unaligned_ranks
+
     print(f"wrote {path}: {result['inputs']} -> {result['outputs']} outputs; ONNX Runtime vs PyTorch on the same input: "
           f"max |difference| {max(result['check'].values()) if result['check'] else 0:.3g} (within float32 tolerance)")
+    names, total = unaligned_ranks(model, 16)
+    if names:
+        print(f"note: {len(names)} of {total} factorised convs have ranks that are not multiples of 16 (e.g. {names[0]}); "
+              "CPU runtimes, ONNX Runtime above all, run aligned ranks markedly faster (benchmarks/README.md, "
+              "'Deploy path latency'): for deployment, plan with rank_multiple=16 (LRPET.RANK_MULTIPLE)")
     return 0
 
 
@@ -74,7 +81,7 @@ def _export_det(args) -> int:
     hw = tuple(args.input_size) if args.input_size else default_plan_hw(cfg)
     if not args.keep_bn:
         to_inference_(model)
-    return _report(export_onnx(model, args.output, hw), args.output)
+    return _report(export_onnx(model, args.output, hw), args.output, model)
 
 
 def _export_seg(args) -> int:
@@ -88,7 +95,7 @@ def _export_seg(args) -> int:
     hw = tuple(args.input_size) if args.input_size else default_plan_hw(model)
     if not args.keep_bn:
         to_inference_(model)
-    return _report(export_onnx(model, args.output, hw), args.output)
+    return _report(export_onnx(model, args.output, hw), args.output, model)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

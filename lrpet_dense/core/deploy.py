@@ -25,7 +25,7 @@ from .factorize import FactorizedConv2d, PointwiseConv2d, _is_pointwise, _replac
 from .projection import ConvBN, _bn_scale
 from .verify import transform_checked_
 
-__all__ = ["fold_bn_", "to_inference_layout_", "to_inference_checked_", "EVERY_CONV"]
+__all__ = ["fold_bn_", "to_inference_layout_", "to_inference_checked_", "unaligned_ranks", "EVERY_CONV"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,23 @@ def fold_bn_(model: nn.Module, layers: Sequence[ConvBN]) -> List[str]:
     object.__setattr__(model, FOLDED_ATTR, True)
     logger.info("folded %d BatchNorms into their convs (inference form)", len(todo))
     return [n for n, _, _ in todo]
+
+
+def unaligned_ranks(model: nn.Module, multiple: int = 16) -> Tuple[List[str], int]:
+    """The factorised convs whose rank is not a multiple of ``multiple``, among those wide enough to have
+    one (full rank at least ``multiple``), and how many factorised convs the model has.
+
+    CPU kernels run such ranks markedly slower than aligned ones (ONNX Runtime above all:
+    ``benchmarks/README.md``, "Deploy path latency"); plans made with ``rank_multiple=16`` avoid them.
+    """
+    names, total = [], 0
+    for name, m in model.named_modules():
+        if isinstance(m, FactorizedConv2d):
+            total += 1
+            full = min(m.out_channels, m.in_channels * m.kernel_size[0] * m.kernel_size[1])
+            if full >= multiple and m.rank % multiple:
+                names.append(name)
+    return names, total
 
 
 def _plain_pointwise(m: nn.Module, conv_types: Tuple[type, ...]) -> bool:

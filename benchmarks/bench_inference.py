@@ -374,17 +374,18 @@ def run_bundle(bundle, variants: List[dict], threads: int, args, log) -> List[di
     return rows
 
 
-def _stage_profile(bundle, model, repeat: int, warmup: int) -> Dict[str, Tuple[float, int]]:
-    """``{stage: (median ms, conv MACs)}`` of each top-level child of ``model.backbone`` (forward hooks)."""
-    stages = list(model.backbone.named_children())
-    spans: Dict[str, List[float]] = {name: [] for name, _ in stages}
-    macs: Dict[str, int] = {name: 0 for name, _ in stages}
+def _span_profile(bundle, model, parts: Sequence[Tuple[str, nn.Module]], repeat: int,
+                  warmup: int) -> Dict[str, Tuple[float, int]]:
+    """``{name: (median ms, conv MACs)}`` of each of ``parts`` (modules of ``model``) during the backbone's
+    forward, timed by forward hooks."""
+    spans: Dict[str, List[float]] = {name: [] for name, _ in parts}
+    macs: Dict[str, int] = {name: 0 for name, _ in parts}
     handles, counting = [], [True]
-    for name, stage in stages:
-        handles.append(stage.register_forward_pre_hook(lambda m, i, n=name: spans[n].append(-time.perf_counter())))
-        handles.append(stage.register_forward_hook(lambda m, i, o, n=name: spans[n].__setitem__(
+    for name, part in parts:
+        handles.append(part.register_forward_pre_hook(lambda m, i, n=name: spans[n].append(-time.perf_counter())))
+        handles.append(part.register_forward_hook(lambda m, i, o, n=name: spans[n].__setitem__(
             -1, spans[n][-1] + time.perf_counter())))
-        for conv in stage.modules():
+        for conv in part.modules():
             if isinstance(conv, nn.Conv2d):
                 def count(m, i, o, n=name):
                     if counting[0]:
@@ -405,20 +406,46 @@ def _stage_profile(bundle, model, repeat: int, warmup: int) -> Dict[str, Tuple[f
     finally:
         for h in handles:
             h.remove()
-    return {name: (statistics.median(spans[name]) * 1e3, macs[name]) for name in spans}
+    return {name: (statistics.median(spans[name]) * 1e3, macs[name]) for name in spans if spans[name]}
 
 
 def stage_rows(bundle, variants, args, log) -> None:
-    """Print where the backbone's time goes, stage by stage: dense vs each variant, time and conv MACs ratios."""
-    dense = _stage_profile(bundle, bundle.dense, args.repeat, args.warmup)
+    """Print where the backbone's time goes, stage by stage: dense vs each variant, time and conv MACs ratios;
+    for a latency plan, also the latency table's predicted cut of the selected convs next to the cut
+    measured on those convs inside the model."""
+    dense = _span_profile(bundle, bundle.dense, list(bundle.dense.backbone.named_children()), args.repeat, args.warmup)
     for v in variants:
-        fact = _stage_profile(bundle, v["model"], args.repeat, args.warmup)
+        fact = _span_profile(bundle, v["model"], list(v["model"].backbone.named_children()), args.repeat, args.warmup)
         log(f"  {bundle.name} backbone stages, {v['label']} (median ms; conv MACs from forward hooks):")
         for name, (td, md) in dense.items():
             tf, mf = fact[name]
             ratio = md / mf if mf else float("nan")
             log(f"    {name:10s} dense {td:8.2f} ms {md / 1e9:6.3f} GMAC ({td / (md / 1e9) if md else 0:5.1f} ms/GMAC)  "
                 f"factorised {tf:8.2f} ms {mf / 1e9:6.3f} GMAC  speed-up {td / tf:.2f}x for {ratio:.2f}x MACs")
+        table_path = v["changes"].get("latency_table")
+        if v["changes"].get("target_latency_cut") and table_path and os.path.isfile(table_path):
+            _check_table(bundle, v, table_path, args, log)
+
+
+def _check_table(bundle, v, table_path: str, args, log) -> None:
+    """The latency table's prediction for the selected convs the backbone runs, against their time measured
+    inside the model (forward hooks), dense and as planned."""
+    from lrpet_dense.core.factorize import FactorizedConv2d
+    from lrpet_dense.core.latency import LatencyTable
+
+    with open(table_path) as fh:
+        table = LatencyTable.from_dict(json.load(fh))
+    names = [n for n in v["plan"].ranks if n in table.layers]
+    d = _span_profile(bundle, bundle.dense, [(n, bundle.dense.get_submodule(n)) for n in names], args.repeat,
+                      args.warmup)
+    f = _span_profile(bundle, v["model"], [(n, v["model"].get_submodule(n)) for n in names], args.repeat, args.warmup)
+    ran = [n for n in names if n in d and n in f]  # the backbone's (detectron2's res5 runs in the ROI head)
+    pd = sum(table.dense_ms(n) for n in ran)
+    pf = sum(table.factorized_ms(n, v["plan"][n].rank) if isinstance(v["model"].get_submodule(n), FactorizedConv2d)
+             else table.dense_ms(n) for n in ran)
+    md, mf = sum(d[n][0] for n in ran), sum(f[n][0] for n in ran)
+    log(f"    the backbone's {len(ran)} selected convs: latency table {pd:.1f} -> {pf:.1f} ms (predicted cut "
+        f"{1 - pf / pd:.1%}); in the model {md:.1f} -> {mf:.1f} ms (measured cut {1 - mf / md:.1%})")
 
 
 def _inductor_rows(bundle, variants, threads, args, log, dense_counts) -> List[dict]:

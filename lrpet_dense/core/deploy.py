@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import LRPETConfig
 from .factorize import FactorizedConv2d, PointwiseConv2d, _is_pointwise, _replace_everywhere
+from .macs import full_rank
 from .projection import ConvBN, _bn_scale
 from .verify import transform_checked_
 
@@ -101,8 +102,7 @@ def unaligned_ranks(model: nn.Module, multiple: int = 16) -> Tuple[List[str], in
     for name, m in model.named_modules():
         if isinstance(m, FactorizedConv2d):
             total += 1
-            full = min(m.out_channels, m.in_channels * m.kernel_size[0] * m.kernel_size[1])
-            if full >= multiple and m.rank % multiple:
+            if full_rank((m.out_channels, m.in_channels, *m.kernel_size)) >= multiple and m.rank % multiple:
                 names.append(name)
     return names, total
 

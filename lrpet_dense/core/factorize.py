@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .macs import factorization_saves
+from .macs import factorization_saves, full_rank
 from .rank import LayerPlan, RankPlan
 
 __all__ = ["FactorizedConv2d", "factorize_", "enable_compressed_loading_"]
@@ -140,7 +140,7 @@ class FactorizedConv2d(nn.Module):
             raise TypeError(f"can only factorise nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
             raise ValueError(f"cannot factorise a grouped conv (groups={conv.groups}); only groups=1 is supported")
-        full = min(conv.out_channels, conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1])
+        full = full_rank(conv.weight.shape)
         if not 1 <= rank <= full:
             raise ValueError(f"rank must lie in [1, {full}] for a conv of weight shape "
                              f"{tuple(conv.weight.shape)}, got {rank}")

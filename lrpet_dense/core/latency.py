@@ -28,6 +28,7 @@ from torch import nn
 
 from .deploy import to_inference_layout_
 from .factorize import FactorizedConv2d
+from .macs import full_rank
 from .projection import ConvBN
 
 __all__ = ["LatencyTable", "measure_latency_table"]
@@ -139,8 +140,7 @@ def measure_latency_table(layers: Sequence[ConvBN], in_sizes: Mapping[str, Tuple
         dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                           conv.dilation, bias=conv.bias is not None).to(device).eval()
         to_inference_layout_(dense)  # as the deploy path runs a conv left dense (1x1: the oneDNN kernel on CPU)
-        full = min(conv.out_channels, conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1])
-        ranks = _candidate_ranks(full, step)
+        ranks = _candidate_ranks(full_rank(conv.weight.shape), step)
         times = []
         for k in ranks:
             pair = FactorizedConv2d.empty_like(dense, k).eval().to(memory_format=fmt)

@@ -15,6 +15,12 @@ def _hw(out_hw: Sequence[int]) -> int:
     return int(h) * int(w)
 
 
+def full_rank(shape: Sequence[int]) -> int:
+    """The largest rank of a conv weight ``(n, c, kh, kw)`` as an ``n x (c kh kw)`` matrix."""
+    n, c, kh, kw = shape
+    return min(n, c * kh * kw)
+
+
 def conv_macs(shape: Tuple[int, int, int, int], out_hw: Sequence[int]) -> int:
     """MACs of a dense conv with weight ``shape = (n, c, kh, kw)`` producing ``out_hw`` pixels."""
     n, c, kh, kw = shape

@@ -24,7 +24,7 @@ from fractions import Fraction
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .config import LRPETConfig
-from .macs import conv_macs, factorized_macs, factorization_saves
+from .macs import conv_macs, factorized_macs, factorization_saves, full_rank
 
 __all__ = ["rank_from_ratio", "LayerSpec", "LayerPlan", "RankPlan", "build_rank_plan"]
 
@@ -86,8 +86,7 @@ class LayerSpec:
 
     @property
     def full_rank(self) -> int:
-        n, c, kh, kw = self.shape
-        return min(n, c * kh * kw)
+        return full_rank(self.shape)
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,7 @@ class LayerPlan:
 
     @property
     def full_rank(self) -> int:
-        n, c, kh, kw = self.shape
-        return min(n, c * kh * kw)
+        return full_rank(self.shape)
 
     @property
     def factorize(self) -> bool:

@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
+from lrpet_dense.core.macs import full_rank
+
 __all__ = ["REPORT_VERSION", "write_report", "render_markdown", "write_summary"]
 
 logger = logging.getLogger(__name__)
@@ -47,11 +49,6 @@ def _num(x: Optional[float], digits: int = 2) -> str:
 
 def _layers(plan: Mapping[str, Any]) -> List[Mapping[str, Any]]:
     return list(plan.get("layers", []))
-
-
-def _full_rank(layer: Mapping[str, Any]) -> int:
-    n, c, kh, kw = layer["shape"]
-    return min(n, c * kh * kw)
 
 
 def render_markdown(data: Mapping[str, Any], figures: Optional[Mapping[str, str]] = None) -> str:
@@ -138,7 +135,7 @@ def render_markdown(data: Mapping[str, Any], figures: Optional[Mapping[str, str]
     lines += ["## Rank plan", "", "| layer | shape (n, c, kh, kw) | rank / full | factorised |", "|---|---|---:|:---:|"]
     for layer in _layers(plan):
         lines.append(f"| `{layer['name']}` | {'x'.join(map(str, layer['shape']))} | {layer['rank']} / "
-                     f"{_full_rank(layer)} | {'yes' if layer['name'] in factorized else 'no'} |")
+                     f"{full_rank(layer['shape'])} | {'yes' if layer['name'] in factorized else 'no'} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -148,7 +145,7 @@ def _plot_ranks(data: Mapping[str, Any], path: str) -> None:
 
     layers = _layers(data["plan"])
     names = [l["name"] for l in layers]
-    full = [_full_rank(l) for l in layers]
+    full = [full_rank(l["shape"]) for l in layers]
     kept = [l["rank"] for l in layers]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names) + 2), 4.0))
     x = range(len(names))

@@ -19,9 +19,7 @@ their quotient (the part of the MACs cut the kernel turns into time), and the GF
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,7 +33,9 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _common import cpu_name, save_json, text_table  # noqa: E402  (benchmarks/_common.py)
 from lrpet_dense.core.factorize import FactorizedConv2d  # noqa: E402
+from lrpet_dense.core.macs import conv_macs  # noqa: E402
 
 
 def _time(fn: Callable[[], object], repeat: int) -> float:
@@ -48,14 +48,6 @@ def _time(fn: Callable[[], object], repeat: int) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _convs(module: nn.Module) -> List[nn.Conv2d]:
@@ -98,7 +90,7 @@ def _runner(module: nn.Module, x: torch.Tensor, kernel: str, tmp: str) -> Callab
 
 def _macs(conv: nn.Conv2d, hw: int) -> int:
     out = (hw + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
-    return out * out * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    return conv_macs(tuple(conv.weight.shape), (out, out))
 
 
 def main(argv=None) -> dict:
@@ -118,7 +110,7 @@ def main(argv=None) -> dict:
     kernels = ["onednn", "torch-cl", "torch-nchw"] + (["ort"] if args.ort else [])
     stages = args.stage or [[48, 512, 128], [24, 1024, 256]]
     rows = []
-    cpu = _cpu_name()
+    cpu = cpu_name()
     print(f"torch {torch.__version__}, {cpu}, {args.threads} thread(s), rank = {args.keep:g} x width")
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for hw, cout, width in stages:
@@ -144,14 +136,10 @@ def main(argv=None) -> dict:
     lines = [(r["layer"], str(r["rank"]), r["kernel"], f"{r['dense_ms']:.3f}", f"{r['factorised_ms']:.3f}",
               f"{r['speedup']:.2f}x", f"{r['macs_ratio']:.2f}x", f"{r['speedup'] / r['macs_ratio']:.2f}",
               f"{r['dense_gflops']:.0f}", f"{r['factorised_gflops']:.0f}") for r in rows]
-    widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
-    for line in [head, ["-" * w for w in widths]] + lines:
-        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
+    print(text_table(head, lines))
     result = {"torch": torch.__version__, "cpu": cpu, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
               "threads": args.threads, "keep": args.keep, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.json, result)
     return result
 
 

@@ -25,7 +25,6 @@ plan comes from :func:`~lrpet_dense.core.build_rank_plan` at ``--ratio``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -36,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 
+from _common import save_json  # benchmarks/_common.py
 from lrpet_dense.core import ConvBN, LRPETConfig, build_rank_plan, project_
 from lrpet_dense.core.selection import layer_specs
 
@@ -159,9 +159,7 @@ def main(argv=None):
     print(f"CPU time per process, 1 vs {w} processes : {single_cpu:.3f} s vs {res['cpu_s']:.3f} s (busiest rank), "
           f"{out['cpu_ratio']:.2f}x less")
     print(f"max abs diff, 1 vs {w} processes         : {diff:.3g}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    save_json(args.json, out)
     return out
 
 

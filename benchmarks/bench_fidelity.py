@@ -55,7 +55,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -64,6 +63,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from _common import cpu_name  # benchmarks/_common.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -610,17 +611,6 @@ def real_difference(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[bool]:
     return abs(a["mean"] - b["mean"]) > a["std"] + b["std"]
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def render_markdown(data: Dict[str, Any]) -> str:
     s = data["summary"]
     metric = {"seg": "mIoU", "det": "AP50"}
@@ -739,7 +729,7 @@ def main(argv=None) -> int:
         results += _run_all(setup, phase, args.workers)
     import torch
 
-    data = {"mode": mode, "date": datetime.date.today().isoformat(), "cpu": _cpu_name(), "threads": args.threads,
+    data = {"mode": mode, "date": datetime.date.today().isoformat(), "cpu": cpu_name(), "threads": args.threads,
             "workers": args.workers, "device": args.device, "torch": torch.__version__,
             "command": " ".join(["python", "benchmarks/bench_fidelity.py", *(argv if argv is not None else sys.argv[1:])]),
             "task": task, "budget": asdict(budget), "wall_minutes": (time.time() - t0) / 60,

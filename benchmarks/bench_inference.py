@@ -48,7 +48,9 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _common import cpu_name, save_json, text_table  # noqa: E402  (benchmarks/_common.py)
 from lrpet_dense.core import project_  # noqa: E402
+from lrpet_dense.core.macs import conv_macs  # noqa: E402
 from lrpet_dense.core.factorize import PointwiseConv2d  # noqa: E402
 from lrpet_dense.configs import config_path  # noqa: E402
 
@@ -60,7 +62,20 @@ SEG_CFG = config_path("pspnet_r50-d8_lrpet_voc12aug-512x512.py")
 # Models: each builder returns a "bundle" with the dense model, the plan for a cut/ratio, and the
 # callables to time. Building a variant = deepcopy of the dense model, project, factorise.
 # ------------------------------------------------------------------------------------------------
-class DetBundle:
+class _Bundle:
+    """What both bundles share: the backbone call on the bundle's input."""
+
+    def backbone_input(self, model) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backbone_fn(self, model, channels_last: bool) -> Callable[[], object]:
+        x = self.backbone_input(model)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return lambda: model.backbone(x)
+
+
+class DetBundle(_Bundle):
     """detectron2 Faster R-CNN R50-C4 at an ``h x w`` input."""
 
     name = "det"
@@ -123,18 +138,13 @@ class DetBundle:
     def backbone_input(self, model) -> torch.Tensor:
         return ((self.image - model.pixel_mean) / model.pixel_std)[None]
 
-    def backbone_fn(self, model, channels_last: bool) -> Callable[[], object]:
-        x = self.backbone_input(model)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return lambda: model.backbone(x)
 
     def model_fn(self, model, channels_last: bool) -> Callable[[], object]:
         inputs = [{"image": self.image, "height": self.hw[0], "width": self.hw[1]}]
         return lambda: model(inputs)
 
 
-class SegBundle:
+class SegBundle(_Bundle):
     """mmseg PSPNet R50-D8 (BN) at an ``h x w`` input."""
 
     name = "seg"
@@ -191,9 +201,6 @@ class SegBundle:
     def backbone_input(self, model) -> torch.Tensor:
         return self.image
 
-    def backbone_fn(self, model, channels_last: bool) -> Callable[[], object]:
-        x = self.image.contiguous(memory_format=torch.channels_last) if channels_last else self.image
-        return lambda: model.backbone(x)
 
     def model_fn(self, model, channels_last: bool) -> Callable[[], object]:
         x = self.image.contiguous(memory_format=torch.channels_last) if channels_last else self.image
@@ -389,8 +396,7 @@ def _span_profile(bundle, model, parts: Sequence[Tuple[str, nn.Module]], repeat:
             if isinstance(conv, nn.Conv2d):
                 def count(m, i, o, n=name):
                     if counting[0]:
-                        macs[n] += o.shape[0] * o.shape[2] * o.shape[3] * m.out_channels * (
-                            m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+                        macs[n] += o.shape[0] * conv_macs(tuple(m.weight.shape), o.shape[2:])
                 handles.append(conv.register_forward_hook(count))
     fn = bundle.backbone_fn(model, True)
     try:
@@ -546,17 +552,7 @@ def format_table(rows: List[dict]) -> str:
                       f"{r['backbone_macs_cut']:.1%}", "-" if pred is None else f"{pred:.1%}",
                       f"{r['macs_ratio']:.2f}x", f"{r['dense_ms']:.1f}", f"{r['factorised_ms']:.1f}",
                       f"{r['speedup']:.2f}x", f"{r['speedup_over_macs_ratio']:.2f}", f"{r['speedup_min']:.2f}x"))
-    widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
-    fmt = lambda row: "  ".join(v.rjust(w) for v, w in zip(row, widths))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+    return text_table(head, lines)
 
 
 def main(argv=None) -> dict:
@@ -618,7 +614,7 @@ def main(argv=None) -> dict:
         load = os.getloadavg()
     except OSError:
         load = None
-    log(f"torch {torch.__version__}, {_cpu_name()}, {machine}, input {hw[0]}x{hw[1]}, repeat {args.repeat}, "
+    log(f"torch {torch.__version__}, {cpu_name()}, {machine}, input {hw[0]}x{hw[1]}, repeat {args.repeat}, "
         f"{'channels_last' if args.channels_last else 'contiguous (NCHW)'}, load average {load}")
     rows, unreached = [], []
     for name in args.models:
@@ -653,12 +649,10 @@ def main(argv=None) -> dict:
         "s-up (CPU): from process CPU time.")
     result = {"torch": torch.__version__, "machine": machine, "load_average_at_start": load, "input_hw": list(hw),
               "repeat": args.repeat, "channels_last": args.channels_last, "deploy": args.deploy, "device": args.device,
-              "fp16": args.fp16, "cpu": _cpu_name(),
+              "fp16": args.fp16, "cpu": cpu_name(),
               "onednn_1x1_everywhere": args.onednn_1x1_everywhere, "proposals": args.proposals, "rows": rows,
               "unreached_targets": unreached}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.json, result)
     return result
 
 

@@ -14,7 +14,6 @@ BN scale in [0.5, 1.5) per channel).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
@@ -22,6 +21,7 @@ import time
 import torch
 import torchvision
 
+from _common import save_json  # benchmarks/_common.py
 from lrpet_dense.core import ConvBN, LRPETConfig, rank_from_ratio
 from lrpet_dense.core.projection import _bn_scale, _compute_layer_projections
 
@@ -101,9 +101,7 @@ def main(argv=None):
     print(f"lrpet_dense core    : {fast_s:.3f} s")
     print(f"speed-up            : {res['speedup']:.2f}x")
     print(f"worst rel. error    : {max_err:.2e} (Frobenius, vs float64 exact SVD, per layer)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    save_json(args.json, res)
 
 
 if __name__ == "__main__":

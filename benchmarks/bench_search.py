@@ -39,6 +39,7 @@ from dataclasses import asdict, replace
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_fidelity as fid  # noqa: E402  (the fidelity protocol, its budget and job cache)
+from _common import cpu_name  # noqa: E402
 
 ROOT = fid.ROOT
 
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     real = (abs(a["mean"] - b["mean"]) > a["std"] + b["std"]) if a["n"] > 1 and b["n"] > 1 else None
     import torch
 
-    data = {"date": datetime.date.today().isoformat(), "cpu": fid._cpu_name(), "torch": torch.__version__,
+    data = {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "torch": torch.__version__,
             "command": " ".join(["python", "benchmarks/bench_search.py", *argv]),
             "mode": mode, "budget": asdict(budget), "cut": args.cut, "trials": args.trials,
             "trial_iters": args.trial_iters, "workers": args.workers, "search_wall_s": search_wall,

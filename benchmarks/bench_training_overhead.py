@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import json
 import logging
 import os
 import platform
@@ -41,6 +40,7 @@ import time
 from typing import Dict, List, Optional
 
 import torch
+from _common import save_json, text_table  # benchmarks/_common.py
 from lrpet_dense.configs import config_path  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,9 +245,7 @@ def _report(results: List[dict]) -> str:
         rows.append((r["framework"], r["input"], f"{r['iter']['mean_s']:.3f} s", f"{r['iter']['median_s']:.3f} s",
                      f"{r['projection']['median_s']:.3f} s", str(r["layers"]), str(r["interval"]),
                      f"{r['overhead']:.3%}"))
-    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
-    fmt = lambda row: "  ".join(v.rjust(w) for v, w in zip(row, widths))  # noqa: E731
-    lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(x) for x in rows]
+    lines = [text_table(head, rows)]
     for r in results:
         cc = r.get("cross_check")
         if cc:
@@ -303,9 +301,7 @@ def main(argv=None) -> dict:
     log("amortised overhead = projection time / (interval x iteration time); goal <= 1% "
         "(paper: +3.2% on CIFAR ResNet-56; TRP, projecting every step: +371%)")
     out = {"torch": torch.__version__, "machine": machine, "load_average_at_start": load, "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    save_json(args.json, out)
     return out
 
 

@@ -123,10 +123,10 @@ class DetBundle(_Bundle):
 
         return to_inference_(model, check_hw=(128, 128))
 
-    def export_(self, model, path: str) -> List[torch.Tensor]:
+    def export_(self, model, path: str, align_ranks: int) -> List[torch.Tensor]:
         from lrpet_dense.detectron2 import export_onnx
 
-        export_onnx(model, path, self.hw)
+        export_onnx(model, path, self.hw, align_ranks=align_ranks)
         return [self.image]
 
     def count(self, model) -> Dict[str, int]:
@@ -186,10 +186,10 @@ class SegBundle(_Bundle):
 
         return to_inference_(model)
 
-    def export_(self, model, path: str) -> List[torch.Tensor]:
+    def export_(self, model, path: str, align_ranks: int) -> List[torch.Tensor]:
         from lrpet_dense.mmseg import export_onnx
 
-        export_onnx(model, path, self.hw)
+        export_onnx(model, path, self.hw, align_ranks=align_ranks)
         return [torch.randn(1, 3, *self.hw, generator=torch.Generator().manual_seed(0))]
 
     def count(self, model) -> Dict[str, int]:
@@ -506,16 +506,26 @@ class _BackboneOutputs(nn.Module):
         return tuple(out[k] for k in sorted(out)) if isinstance(out, dict) else tuple(out)
 
 
-def _export_backbone(bundle, model, path: str) -> List[torch.Tensor]:
-    """The backbone alone to ONNX (TorchScript exporter), checked in ONNX Runtime against PyTorch."""
+def _export_backbone(bundle, model, path: str, align_ranks: int) -> List[torch.Tensor]:
+    """The backbone alone to ONNX (TorchScript exporter), its ranks aligned as the export path aligns them,
+    checked in ONNX Runtime against PyTorch's backbone as given."""
+    from lrpet_dense.core.deploy import aligned_for_export
     from lrpet_dense.core.export import check_onnx, export_onnx
 
     x = bundle.backbone_input(model).contiguous()
-    wrapped = _BackboneOutputs(model.backbone).eval()
     with torch.inference_mode():
-        reference = [t.clone() for t in wrapped(x)]
+        reference = [t.clone() for t in _BackboneOutputs(model.backbone).eval()(x)]
+    wrapped = _BackboneOutputs(aligned_for_export(model.backbone, align_ranks)[0]).eval()
     export_onnx(wrapped, (x,), path, dynamo=False, check=lambda f: check_onnx(f, [x], reference))
     return [x]
+
+
+def _aligned_counts(bundle, v, multiple: int) -> Dict[str, int]:
+    """MACs of the variant as the export path writes it (ranks zero-padded to ``multiple``)."""
+    from lrpet_dense.core.deploy import aligned_for_export
+
+    padded, names = aligned_for_export(v["model"], multiple)
+    return bundle.count(padded) if names else v["counts"]
 
 
 def _ort_rows(bundle, variants, threads, args, log, dense_counts) -> List[dict]:
@@ -527,8 +537,12 @@ def _ort_rows(bundle, variants, threads, args, log, dense_counts) -> List[dict]:
 
     rows = []
     to_s = lambda t: {"wall_median_s": t["median_ms"] / 1e3, "wall_min_s": t["min_ms"] / 1e3}  # noqa: E731
+    exported_macs = {}
     for part in args.parts:
-        export = bundle.export_ if part == "model" else lambda m, f: _export_backbone(bundle, m, f)  # noqa: E731
+        if part == "model":
+            export = lambda m, f: bundle.export_(m, f, args.align_ranks)  # noqa: E731
+        else:
+            export = lambda m, f: _export_backbone(bundle, m, f, args.align_ranks)  # noqa: E731
         with tempfile.TemporaryDirectory(prefix="lrpet_onnx_") as tmp:
             dense_path = os.path.join(tmp, "dense.onnx")
             inputs = export(bundle.dense, dense_path)
@@ -537,7 +551,11 @@ def _ort_rows(bundle, variants, threads, args, log, dense_counts) -> List[dict]:
                 path = os.path.join(tmp, f"f{i}.onnx")
                 export(v["model"], path)
                 f = time_ort(path, inputs, threads=threads, repeats=args.repeat, warmup=args.warmup)
-                rows.append(_row(bundle, part, v, threads, to_s(d), to_s(f), dense_counts, args, runtime="onnxruntime"))
+                row = _row(bundle, part, v, threads, to_s(d), to_s(f), dense_counts, args, runtime="onnxruntime")
+                if i not in exported_macs:  # what the file computes: the plan's MACs plus the padding's zeros
+                    exported_macs[i] = _aligned_counts(bundle, v, args.align_ranks)
+                row.update(align_ranks=args.align_ranks, macs_factorised_exported=exported_macs[i][part])
+                rows.append(row)
             log(f"  timed {bundle.name}/{part} in ONNX Runtime with {threads} thread(s)")
     return rows
 
@@ -581,6 +599,10 @@ def main(argv=None) -> dict:
                    "first --threads count)")
     p.add_argument("--onnx", action="store_true", help="also export each timed part (--parts) to ONNX (checked "
                    "against PyTorch in ONNX Runtime) and time it in ONNX Runtime")
+    p.add_argument("--align-ranks", type=int, default=16, metavar="N",
+                   help="ONNX Runtime rows: factorised ranks zero-padded to multiples of N in the exported graph, as "
+                        "`lrpet-dense export` does by default (1: off); the MACs ratio stays the plan's, the padded "
+                        "MACs are in the JSON rows (macs_factorised_exported)")
     p.add_argument("--stages", action="store_true", help="also print each backbone stage's time and conv MACs, "
                    "dense vs factorised (forward hooks, deploy form)")
     p.add_argument("--compile", action="store_true", help="also time the backbones under torch.compile (inductor, "
@@ -647,10 +669,15 @@ def main(argv=None) -> dict:
     log("speed-up = median dense wall time / median factorised wall time; '/MACs ratio' = speed-up / MACs ratio "
         "(goal: >= 0.9 for the backbone, >= 0.85 for the whole model); s-up (min): from the minimum wall times; "
         "s-up (CPU): from process CPU time.")
+    if args.onnx and args.align_ranks > 1:
+        log(f"onnxruntime rows: factorised ranks zero-padded to multiples of {args.align_ranks} in the exported files, as "
+            "`lrpet-dense export` writes them (exact); the MACs ratio is the plan's (the padded MACs: "
+            "macs_factorised_exported in the JSON).")
     result = {"torch": torch.__version__, "machine": machine, "load_average_at_start": load, "input_hw": list(hw),
               "repeat": args.repeat, "channels_last": args.channels_last, "deploy": args.deploy, "device": args.device,
               "fp16": args.fp16, "cpu": cpu_name(),
-              "onednn_1x1_everywhere": args.onednn_1x1_everywhere, "proposals": args.proposals, "rows": rows,
+              "onednn_1x1_everywhere": args.onednn_1x1_everywhere, "proposals": args.proposals,
+              "onnx_align_ranks": args.align_ranks if args.onnx else None, "rows": rows,
               "unreached_targets": unreached}
     save_json(args.json, result)
     return result

@@ -35,6 +35,9 @@ def test_console_script_lists_the_subcommands(tmp_path):
     for sub in (["compress", "seg"], ["export", "seg"]):  # errors are one line and exit status 2
         code, text = _run([CLI, *sub, "toy/pspnet_r50-d8_lrpet_toy.py", tmp_path / "nope.pth", tmp_path / "x"], tmp_path)
         assert code == 2 and "error: checkpoint" in text and "nope.pth' does not exist" in text, text[-2000:]
+    code, text = _run([CLI, "export", "seg", "toy/pspnet_r50-d8_lrpet_toy.py", tmp_path / "nope.pth", tmp_path / "x",
+                       "--align-ranks", "0"], tmp_path)
+    assert code == 2 and "--align-ranks" in text and "expected an integer >= 1, got '0'" in text, text[-2000:]
 
 
 def test_config_path_by_name_and_unknown_name(tmp_path):

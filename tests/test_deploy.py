@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from conftest import D2_TINY, D2_TOY_CFG, REPO, SEG_TOY_CFG
 
 from lrpet_dense.core import ConvBN, FactorizedConv2d, LayerSpec, LRPETConfig, build_rank_plan, factorize_, lrpet_project
-from lrpet_dense.core.deploy import fold_bn_, to_inference_layout_, unaligned_ranks
+from lrpet_dense.core.deploy import align_ranks_, aligned_for_export, fold_bn_, to_inference_layout_, unaligned_ranks
 from lrpet_dense.core.factorize import PointwiseConv2d
 from lrpet_dense.core.latency import LatencyTable, measure_latency_table
 
@@ -103,6 +103,45 @@ def test_unaligned_ranks_names_the_factorised_convs_export_warns_about():
     assert unaligned_ranks(net, 16) == (["0"], 3)
     assert unaligned_ranks(net, 4) == (["0", "2"], 3)
     assert unaligned_ranks(nn.Conv2d(8, 8, 1)) == ([], 0)
+
+
+def _mixed_ranks():
+    torch.manual_seed(0)
+    return nn.Sequential(FactorizedConv2d(64, 64, 3, rank=18, padding=1), nn.ReLU(),  # padded to 32
+                         FactorizedConv2d(64, 48, 1, rank=32),   # a multiple of 16 already
+                         FactorizedConv2d(48, 40, 1, rank=19),   # 32 would cost more than the dense conv: kept
+                         FactorizedConv2d(40, 8, 1, rank=5))     # narrower than 16: kept
+
+
+def test_align_ranks_pads_with_zeros_and_keeps_the_outputs():
+    net = _mixed_ranks().double().eval()
+    x = torch.randn(2, 64, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net(x)
+    keys = list(net.state_dict())
+    assert align_ranks_(net, 16) == ["0"]
+    assert [m.rank for m in net if isinstance(m, FactorizedConv2d)] == [32, 32, 19, 5]
+    a, b = net[0].conv_a, net[0].conv_b
+    assert a.weight.shape == (32, 64, 3, 3) and b.weight.shape == (64, 32, 1, 1) and a.out_channels == b.in_channels == 32
+    assert not a.weight[18:].any() and not b.weight[:, 18:].any() and list(net.state_dict()) == keys
+    with torch.no_grad():  # the same sums plus zero terms: equal up to float64 summation order
+        torch.testing.assert_close(net(x), ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
+    assert unaligned_ranks(net, 16) == (["3"], 4)  # the one padding would not pay for
+    assert align_ranks_(net, 16) == []  # idempotent
+    with pytest.raises(ValueError, match="integer >= 1"):
+        align_ranks_(net, 0)
+
+
+def test_aligned_for_export_pads_a_copy_in_the_inference_layout():
+    net = to_inference_layout_(_mixed_ranks().eval())
+    same, names = aligned_for_export(net, 1)
+    assert same is net and names == []
+    padded, names = aligned_for_export(net, 16)
+    assert padded is not net and names == ["0"] and net[0].rank == 18  # the model given is untouched
+    assert padded[0].conv_a.weight.is_contiguous(memory_format=torch.channels_last)
+    assert padded[0].conv_a.weight.requires_grad and padded[0].conv_b.weight.requires_grad  # still Parameters
+    plain = nn.Sequential(FactorizedConv2d(64, 64, 1, rank=32))
+    assert aligned_for_export(plain, 16) == (plain, [])
 
 
 def test_latency_plan_cuts_measured_latency_and_leaves_slow_layers_dense():
@@ -219,3 +258,44 @@ def test_mmseg_inference_form_onnx_and_torch_export(seg_small_ckpts, tmp_path):
                       {"LRPET_TOY_VOC_ROOT": str(tmp_path)})
     assert code == 0, text[-3000:]
     assert out.exists() and "ONNX Runtime vs PyTorch" in text
+
+
+def test_export_pads_unaligned_ranks_and_checks_the_file_against_the_model_given(tmp_path):
+    """Both adapters' export: ranks 25 (not multiples of 16) are padded in the file, whose outputs ONNX Runtime
+    checks against the unpadded model's; the model given keeps its ranks. Ratio 0.6 of the toy widths (64 -> 25)."""
+    pytest.importorskip("onnxruntime")
+    from unittest import mock
+
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    import lrpet_dense.detectron2 as ld
+    import lrpet_dense.mmseg as lm
+    from lrpet_dense.core import project_
+
+    with mock.patch.dict(os.environ, {"LRPET_TOY_VOC_ROOT": str(tmp_path)}):
+        seg_cfg = Config.fromfile(str(SEG_TOY_CFG))
+    init_default_scope("mmseg")
+    torch.manual_seed(0)
+    seg = MODELS.build(seg_cfg.model).eval()
+    det_cfg = get_cfg()
+    ld.add_lrpet_config(det_cfg)
+    det_cfg.merge_from_file(str(D2_TOY_CFG))
+    det_cfg.merge_from_list(list(D2_TINY))
+    det = build_model(det_cfg).eval()
+    for adapter, model, hw, name in ((lm, seg, (64, 64), "backbone.layer1.0.conv2"),
+                                     (ld, det, (96, 128), "backbone.res2.0.conv2")):
+        config = LRPETConfig(ratio=0.6, include=(name,), include_frozen=True)
+        layers = adapter.pair_convs(model, config).layers
+        plan = adapter.build_plan(model, layers, config)
+        project_(layers, plan)
+        assert adapter.compress_model_(model, plan) == [layers[0].name]
+        adapter.to_inference_(model)
+        assert unaligned_ranks(model, 16) == ([layers[0].name], 1)
+        result = adapter.export_onnx(model, str(tmp_path / "m.onnx"), hw)
+        assert result["aligned"] == [layers[0].name] and result["check"]
+        assert unaligned_ranks(model, 16) == ([layers[0].name], 1)  # padded in the file only
+        assert adapter.export_onnx(model, str(tmp_path / "m1.onnx"), hw, align_ranks=1)["aligned"] == []

@@ -294,7 +294,7 @@ def to_inference_(model: nn.Module, *, check_hw: Tuple[int, int] = (160, 160), r
 ROI_OPSET = 16
 
 
-def export_onnx(model: nn.Module, path: str, image_hw: Tuple[int, int]) -> Dict[str, Any]:
+def export_onnx(model: nn.Module, path: str, image_hw: Tuple[int, int], *, align_ranks: int = 16) -> Dict[str, Any]:
     """Export the detector to ONNX through detectron2's own path and check it in ONNX Runtime.
 
     As detectron2's ``tools/deploy/export_model.py --export-method tracing --format onnx``: a
@@ -306,14 +306,19 @@ def export_onnx(model: nn.Module, path: str, image_hw: Tuple[int, int]) -> Dict[
     by 0.24 on the toy model). ONNX Runtime's detections must match PyTorch's on the same image
     (:func:`_match_detections`).
 
+    The factorised ranks are zero-padded to multiples of ``align_ranks`` in the exported graph
+    (:func:`lrpet_dense.core.deploy.aligned_for_export`: on a copy, exact; 1 turns it off), and ONNX
+    Runtime's detections are checked against ``model``'s own.
+
     Returns:
-        ``{"inputs": [...], "outputs": number of outputs, "check": {...}}``.
+        ``{"inputs": [...], "outputs": number of outputs, "check": {...}, "aligned": [padded conv names]}``.
 
     Raises:
         ValueError: ONNX Runtime's outputs differ from PyTorch's.
     """
     from detectron2.export import STABLE_ONNX_OPSET_VERSION, TracingAdapter
 
+    from lrpet_dense.core.deploy import aligned_for_export
     from lrpet_dense.core.export import check_onnx
     from lrpet_dense.core.export import export_onnx as _export
 
@@ -323,13 +328,14 @@ def export_onnx(model: nn.Module, path: str, image_hw: Tuple[int, int]) -> Dict[
     def inference(m, inputs):
         return [{"instances": m.inference(inputs, do_postprocess=False)[0]}]
 
-    adapter = TracingAdapter(model, [{"image": image}], inference).eval()
     with torch.no_grad():
-        reference = adapter(image)
+        reference = TracingAdapter(model, [{"image": image}], inference).eval()(image)
+    exported, aligned = aligned_for_export(model, align_ranks)
+    adapter = TracingAdapter(exported, [{"image": image}], inference).eval()
     check = _export(adapter, (image,), path, dynamo=False, opset=max(STABLE_ONNX_OPSET_VERSION, ROI_OPSET),
                     check=lambda f: check_onnx(f, [image], reference,
                                                compare=lambda outs, ref: _match_detections(adapter, outs, ref)))
-    return {"inputs": [list(image.shape)], "outputs": len(reference), "check": check}
+    return {"inputs": [list(image.shape)], "outputs": len(reference), "check": check, "aligned": aligned}
 
 
 def _match_detections(adapter, outs, reference, rtol: float = 1e-3, atol: float = 1e-3) -> Dict[str, float]:

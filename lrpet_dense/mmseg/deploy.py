@@ -254,28 +254,31 @@ class _TensorMode(nn.Module):
         return self.model(x, mode="tensor")
 
 
-def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int]) -> Dict[str, Any]:
+def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int], *, align_ranks: int = 16) -> Dict[str, Any]:
     """Export the segmentor in ``mode='tensor'`` (image -> logits) to ONNX and check it in ONNX Runtime.
 
     Uses ``torch.onnx.export``'s dynamo exporter (the TorchScript one cannot export PSPNet's adaptive
     pooling to non-divisible sizes). ONNX Runtime's logits must equal PyTorch's on the same input
-    within float32 tolerance.
+    within float32 tolerance. As the detectron2 adapter's, the factorised ranks are zero-padded to
+    multiples of ``align_ranks`` in the exported graph (on a copy, exact; 1 turns it off), and ONNX
+    Runtime's logits are checked against ``model``'s own.
 
     Returns:
-        ``{"inputs": [...], "outputs": 1, "check": {...}}``.
+        ``{"inputs": [...], "outputs": 1, "check": {...}, "aligned": [padded conv names]}``.
 
     Raises:
         ValueError: ONNX Runtime's logits differ from PyTorch's.
     """
+    from lrpet_dense.core.deploy import aligned_for_export
     from lrpet_dense.core.export import check_onnx
     from lrpet_dense.core.export import export_onnx as _export
 
     model = unwrap_model(model).eval()
     param = next(model.parameters())
     x = torch.randn(1, 3, *input_hw, generator=torch.Generator().manual_seed(0)).to(param.device)
-    wrapper = _TensorMode(model).eval()
     with torch.no_grad():
-        reference = wrapper(x)
-    check = _export(wrapper, (x,), path, dynamo=True, opset=18, input_names=["image"], output_names=["logits"],
-                    check=lambda f: check_onnx(f, [x], [reference]))
-    return {"inputs": [list(x.shape)], "outputs": 1, "check": check}
+        reference = _TensorMode(model).eval()(x)
+    exported, aligned = aligned_for_export(model, align_ranks)
+    check = _export(_TensorMode(exported).eval(), (x,), path, dynamo=True, opset=18, input_names=["image"],
+                    output_names=["logits"], check=lambda f: check_onnx(f, [x], [reference]))
+    return {"inputs": [list(x.shape)], "outputs": 1, "check": check, "aligned": aligned}

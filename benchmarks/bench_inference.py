@@ -529,34 +529,38 @@ def _aligned_counts(bundle, v, multiple: int) -> Dict[str, int]:
 
 
 def _ort_rows(bundle, variants, threads, args, log, dense_counts) -> List[dict]:
-    """The backbones and/or whole models exported to ONNX (checked against PyTorch in ONNX Runtime) and timed
-    there alike."""
+    """The backbones and/or whole models exported to ONNX (ranks padded to each ``--align-ranks`` value, checked
+    against PyTorch in ONNX Runtime) and timed there in interleaved rounds, the dense file with them."""
     import tempfile
 
-    from lrpet_dense.core.export import time_ort
+    from lrpet_dense.core.export import ort_runner
 
     rows = []
-    to_s = lambda t: {"wall_median_s": t["median_ms"] / 1e3, "wall_min_s": t["min_ms"] / 1e3}  # noqa: E731
     exported_macs = {}
     for part in args.parts:
         if part == "model":
-            export = lambda m, f: bundle.export_(m, f, args.align_ranks)  # noqa: E731
+            export = lambda m, f, a: bundle.export_(m, f, a)  # noqa: E731
         else:
-            export = lambda m, f: _export_backbone(bundle, m, f, args.align_ranks)  # noqa: E731
+            export = lambda m, f, a: _export_backbone(bundle, m, f, a)  # noqa: E731
         with tempfile.TemporaryDirectory(prefix="lrpet_onnx_") as tmp:
             dense_path = os.path.join(tmp, "dense.onnx")
-            inputs = export(bundle.dense, dense_path)
-            d = time_ort(dense_path, inputs, threads=threads, repeats=args.repeat, warmup=args.warmup)
+            inputs = export(bundle.dense, dense_path, 1)
+            fns = {"dense": ort_runner(dense_path, inputs, threads)}
+            for align in args.align_ranks:
+                for i, v in enumerate(variants):
+                    path = os.path.join(tmp, f"a{align}_f{i}.onnx")
+                    export(v["model"], path, align)
+                    fns[align, i] = ort_runner(path, inputs, threads)
+            times = time_interleaved(fns, args.repeat, args.warmup)
+        for align in args.align_ranks:
+            runtime = "onnxruntime" if align == 1 else f"onnxruntime pad{align}"
             for i, v in enumerate(variants):
-                path = os.path.join(tmp, f"f{i}.onnx")
-                export(v["model"], path)
-                f = time_ort(path, inputs, threads=threads, repeats=args.repeat, warmup=args.warmup)
-                row = _row(bundle, part, v, threads, to_s(d), to_s(f), dense_counts, args, runtime="onnxruntime")
-                if i not in exported_macs:  # what the file computes: the plan's MACs plus the padding's zeros
-                    exported_macs[i] = _aligned_counts(bundle, v, args.align_ranks)
-                row.update(align_ranks=args.align_ranks, macs_factorised_exported=exported_macs[i][part])
+                row = _row(bundle, part, v, threads, times["dense"], times[align, i], dense_counts, args, runtime=runtime)
+                if (align, i) not in exported_macs:  # what the file computes: the plan's MACs plus padded zeros
+                    exported_macs[align, i] = _aligned_counts(bundle, v, align)
+                row.update(align_ranks=align, macs_factorised_exported=exported_macs[align, i][part])
                 rows.append(row)
-            log(f"  timed {bundle.name}/{part} in ONNX Runtime with {threads} thread(s)")
+        log(f"  timed {bundle.name}/{part} in ONNX Runtime with {threads} thread(s), {len(fns)} files interleaved")
     return rows
 
 
@@ -599,10 +603,10 @@ def main(argv=None) -> dict:
                    "first --threads count)")
     p.add_argument("--onnx", action="store_true", help="also export each timed part (--parts) to ONNX (checked "
                    "against PyTorch in ONNX Runtime) and time it in ONNX Runtime")
-    p.add_argument("--align-ranks", type=int, default=16, metavar="N",
+    p.add_argument("--align-ranks", type=int, nargs="+", default=[16], metavar="N",
                    help="ONNX Runtime rows: factorised ranks zero-padded to multiples of N in the exported graph, as "
-                        "`lrpet-dense export` does by default (1: off); the MACs ratio stays the plan's, the padded "
-                        "MACs are in the JSON rows (macs_factorised_exported)")
+                        "`lrpet-dense export` does with its default 16 (1: unpadded; one set of rows per value); the "
+                        "MACs ratio stays the plan's, the padded MACs are in the JSON rows (macs_factorised_exported)")
     p.add_argument("--stages", action="store_true", help="also print each backbone stage's time and conv MACs, "
                    "dense vs factorised (forward hooks, deploy form)")
     p.add_argument("--compile", action="store_true", help="also time the backbones under torch.compile (inductor, "
@@ -623,6 +627,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if len(args.size) not in (1, 2):
         p.error("--size takes H or H W")
+    if any(a < 1 for a in args.align_ranks):
+        p.error("--align-ranks takes integers >= 1")
     hw = (args.size[0], args.size[-1])
     base = ([{"ratio": r} for r in args.ratios] if args.ratios else
             [{"target_macs_cut": c} for c in (args.cuts or [0.3, 0.5])])
@@ -669,9 +675,9 @@ def main(argv=None) -> dict:
     log("speed-up = median dense wall time / median factorised wall time; '/MACs ratio' = speed-up / MACs ratio "
         "(goal: >= 0.9 for the backbone, >= 0.85 for the whole model); s-up (min): from the minimum wall times; "
         "s-up (CPU): from process CPU time.")
-    if args.onnx and args.align_ranks > 1:
-        log(f"onnxruntime rows: factorised ranks zero-padded to multiples of {args.align_ranks} in the exported files, as "
-            "`lrpet-dense export` writes them (exact); the MACs ratio is the plan's (the padded MACs: "
+    if args.onnx and any(a > 1 for a in args.align_ranks):
+        log("onnxruntime padN: factorised ranks zero-padded to multiples of N in the exported files, as `lrpet-dense "
+            "export` writes them (exact; default N=16); the MACs ratio is the plan's (the padded MACs: "
             "macs_factorised_exported in the JSON).")
     result = {"torch": torch.__version__, "machine": machine, "load_average_at_start": load, "input_hw": list(hw),
               "repeat": args.repeat, "channels_last": args.channels_last, "deploy": args.deploy, "device": args.device,

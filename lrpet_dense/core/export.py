@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["export_onnx", "check_onnx", "ort_session", "time_ort"]
+__all__ = ["export_onnx", "check_onnx", "ort_session", "ort_runner"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,16 +107,9 @@ def check_onnx(path: str, inputs: Sequence[torch.Tensor], reference: Sequence[to
     return diffs
 
 
-def time_ort(path: str, inputs: Sequence[torch.Tensor], *, threads: int = 1, repeats: int = 10,
-             warmup: int = 2) -> Dict[str, float]:
-    """Median wall time (ms) of ONNX Runtime on ``inputs`` with ``threads`` intra-op threads."""
+def ort_runner(path: str, inputs: Sequence[torch.Tensor], threads: Optional[int] = None) -> Callable[[], List[Any]]:
+    """A zero-argument callable running the ONNX file on ``inputs`` in ONNX Runtime (``threads`` intra-op
+    threads): what benchmarks time, interleaved with other runners so that they share the machine's state."""
     session = ort_session(path, threads)
     feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
-    times = []
-    for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        session.run(None, feeds)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"median_ms": times[len(times) // 2], "min_ms": times[0], "threads": threads, "repeats": repeats}
+    return lambda: session.run(None, feeds)

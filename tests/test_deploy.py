@@ -128,8 +128,11 @@ def test_align_ranks_pads_with_zeros_and_keeps_the_outputs():
         torch.testing.assert_close(net(x), ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
     assert unaligned_ranks(net, 16) == (["3"], 4)  # the one padding would not pay for
     assert align_ranks_(net, 16) == []  # idempotent
-    with pytest.raises(ValueError, match="integer >= 1"):
-        align_ranks_(net, 0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="integer >= 1"):
+            align_ranks_(net, bad)
+        with pytest.raises(ValueError, match="integer >= 1"):
+            aligned_for_export(net, bad)
 
 
 def test_aligned_for_export_pads_a_copy_in_the_inference_layout():

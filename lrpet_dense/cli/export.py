@@ -16,7 +16,8 @@ same input: every output within float32 tolerance (detections matched by class a
 order may differ between equal scores). The check is printed; a failed check is exit status 2 and the
 file is not kept. Factorised ranks are zero-padded to multiples of ``--align-ranks`` (16) in the file:
 exact (the added channels are zeros; the check above compares the file with the model as loaded), a
-few more MACs, and 5-17% less ONNX Runtime latency measured on an AVX-512 Xeon (``benchmarks/README.md``).
+few more MACs, and 9-15% less ONNX Runtime latency for the backbones of unaligned plans (whole models
+5-13%) measured on an AVX-512 Xeon (``benchmarks/README.md``).
 """
 from __future__ import annotations
 

@@ -112,6 +112,11 @@ def unaligned_ranks(model: nn.Module, multiple: int = 16) -> Tuple[List[str], in
     return names, total
 
 
+def _check_multiple(multiple: int) -> None:
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"the rank multiple must be an integer >= 1, got {multiple!r}")
+
+
 def _padded_rank(m: FactorizedConv2d, multiple: int) -> int:
     """The rank ``m`` gets from :func:`align_ranks_`: the next multiple, where the pair stays cheaper than dense."""
     shape = (m.out_channels, m.in_channels, *m.kernel_size)
@@ -138,8 +143,8 @@ def align_ranks_(model: nn.Module, multiple: int = 16) -> List[str]:
     ``conv_a`` gets extra output channels with zero weights (it has no bias, so they are zero) and
     ``conv_b`` reads them with zero weights: the layer computes exactly what it computed (up to the
     kernels' summation order), with more MACs. Runtimes that block channels by the vector width run
-    it faster: ONNX Runtime ran both exported models 5-17% faster padded to 16 on an AVX-512 Xeon,
-    eager PyTorch no faster (``benchmarks/README.md``, "Deploy path latency"); hence the export path
+    it faster: padded to 16, ONNX Runtime ran unaligned plans' backbones 9-15% and whole models 5-13%
+    faster on an AVX-512 Xeon, eager PyTorch no faster (``benchmarks/README.md``, "Deploy path latency"); hence the export path
     pads (on a copy: :func:`aligned_for_export`) and :func:`to_inference_layout_` does not. A conv
     narrower than ``multiple``, or whose padded pair would cost as much as the dense conv, is left as
     it is. For a deployed model only: the padded ranks are not the trained plan's.
@@ -147,8 +152,7 @@ def align_ranks_(model: nn.Module, multiple: int = 16) -> List[str]:
     Returns:
         The names of the padded convs.
     """
-    if not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"the rank multiple must be an integer >= 1, got {multiple!r}")
+    _check_multiple(multiple)
     todo = [(name, m, _padded_rank(m, multiple)) for name, m in model.named_modules()
             if isinstance(m, FactorizedConv2d)]
     todo = [t for t in todo if t[2] != t[1].rank]
@@ -167,7 +171,8 @@ def aligned_for_export(model: nn.Module, multiple: int = 16) -> Tuple[nn.Module,
     """``model`` itself when no rank needs padding, else a copy with :func:`align_ranks_` applied (the
     model given is never changed); and the names of the padded convs. The caller checks the copy's
     exported outputs against ``model``'s."""
-    if multiple <= 1 or not any(_padded_rank(m, multiple) != m.rank for m in model.modules()
+    _check_multiple(multiple)
+    if multiple == 1 or not any(_padded_rank(m, multiple) != m.rank for m in model.modules()
                                 if isinstance(m, FactorizedConv2d)):
         return model, []
     padded = copy.deepcopy(model)

@@ -115,6 +115,7 @@ def _mixed_ranks():
 
 def test_align_ranks_pads_with_zeros_and_keeps_the_outputs():
     net = _mixed_ranks().double().eval()
+    assert unaligned_ranks(net, 16, paddable=True) == (["0"], 4)
     x = torch.randn(2, 64, 9, 9, dtype=torch.float64)
     with torch.no_grad():
         ref = net(x)
@@ -127,6 +128,7 @@ def test_align_ranks_pads_with_zeros_and_keeps_the_outputs():
     with torch.no_grad():  # the same sums plus zero terms: equal up to float64 summation order
         torch.testing.assert_close(net(x), ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
     assert unaligned_ranks(net, 16) == (["3"], 4)  # the one padding would not pay for
+    assert unaligned_ranks(net, 16, paddable=True) == ([], 4)
     assert align_ranks_(net, 16) == []  # idempotent
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="integer >= 1"):

@@ -96,18 +96,23 @@ def fold_bn_(model: nn.Module, layers: Sequence[ConvBN]) -> List[str]:
     return [n for n, _, _ in todo]
 
 
-def unaligned_ranks(model: nn.Module, multiple: int = 16) -> Tuple[List[str], int]:
+def unaligned_ranks(model: nn.Module, multiple: int = 16, *, paddable: bool = False) -> Tuple[List[str], int]:
     """The factorised convs whose rank is not a multiple of ``multiple``, among those wide enough to have
-    one (full rank at least ``multiple``), and how many factorised convs the model has.
+    one (full rank at least ``multiple``), and how many factorised convs the model has. With
+    ``paddable``, only those :func:`align_ranks_` would pad (their padded pair still cheaper than dense).
 
     CPU kernels run such ranks markedly slower than aligned ones (ONNX Runtime above all:
-    ``benchmarks/README.md``, "Deploy path latency"); plans made with ``rank_multiple=16`` avoid them.
+    ``benchmarks/README.md``, "Deploy path latency"); plans made with ``rank_multiple=16`` avoid them, and
+    :func:`align_ranks_` pads them at export.
     """
     names, total = [], 0
     for name, m in model.named_modules():
         if isinstance(m, FactorizedConv2d):
             total += 1
-            if full_rank((m.out_channels, m.in_channels, *m.kernel_size)) >= multiple and m.rank % multiple:
+            if paddable:
+                if _padded_rank(m, multiple) != m.rank:
+                    names.append(name)
+            elif full_rank((m.out_channels, m.in_channels, *m.kernel_size)) >= multiple and m.rank % multiple:
                 names.append(name)
     return names, total
 

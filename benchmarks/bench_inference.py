@@ -509,14 +509,10 @@ class _BackboneOutputs(nn.Module):
 def _export_backbone(bundle, model, path: str, align_ranks: int) -> List[torch.Tensor]:
     """The backbone alone to ONNX (TorchScript exporter), its ranks aligned as the export path aligns them,
     checked in ONNX Runtime against PyTorch's backbone as given."""
-    from lrpet_dense.core.deploy import aligned_for_export
-    from lrpet_dense.core.export import check_onnx, export_onnx
+    from lrpet_dense.core.export import export_aligned
 
     x = bundle.backbone_input(model).contiguous()
-    with torch.inference_mode():
-        reference = [t.clone() for t in _BackboneOutputs(model.backbone).eval()(x)]
-    wrapped = _BackboneOutputs(aligned_for_export(model.backbone, align_ranks)[0]).eval()
-    export_onnx(wrapped, (x,), path, dynamo=False, check=lambda f: check_onnx(f, [x], reference))
+    export_aligned(model.backbone, _BackboneOutputs, (x,), path, align_ranks=align_ranks, dynamo=False)
     return [x]
 
 

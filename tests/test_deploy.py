@@ -149,6 +149,22 @@ def test_aligned_for_export_pads_a_copy_in_the_inference_layout():
     assert aligned_for_export(plain, 16) == (plain, [])
 
 
+def test_export_aligned_checks_the_padded_file_against_the_unpadded_model(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import lrpet_dense.core.deploy as deploy
+    from lrpet_dense.core.export import export_aligned
+
+    net = _mixed_ranks().eval()
+    x = torch.randn(1, 64, 9, 9, generator=torch.Generator().manual_seed(0))
+    out = export_aligned(net, lambda m: m, (x,), str(tmp_path / "ok.onnx"), dynamo=False)
+    assert out["aligned"] == ["0"] and (tmp_path / "ok.onnx").exists() and net[0].rank == 18
+    real = deploy._zero_padded  # a padding that changes the layer must not reach a file
+    monkeypatch.setattr(deploy, "_zero_padded", lambda w, dim, size: nn.Parameter(real(w, dim, size).detach() + 0.5))
+    with pytest.raises(ValueError, match="differs from PyTorch"):
+        export_aligned(net, lambda m: m, (x,), str(tmp_path / "bad.onnx"), dynamo=False)
+    assert not (tmp_path / "bad.onnx").exists() and net[0].rank == 18
+
+
 def test_latency_plan_cuts_measured_latency_and_leaves_slow_layers_dense():
     specs = [LayerSpec("fast", (256, 256, 3, 3), (8, 8)), LayerSpec("slow", (256, 256, 3, 3), (8, 8))]
     plan = build_rank_plan(specs, LRPETConfig(target_latency_cut=0.3), latency=_table())

@@ -81,8 +81,8 @@ def _report(result: dict, path: str, model, multiple: int) -> int:
     if result["aligned"]:
         print(f"ranks of {len(result['aligned'])} factorised convs zero-padded to multiples of {multiple} in the file "
               "(exact; for the runtime's vector width)")
-    names, total = unaligned_ranks(model, 16, paddable=True)
-    if multiple == 1 and names:
+    names, total = unaligned_ranks(model, 16, paddable=True) if multiple == 1 else ([], 0)
+    if names:
         print(f"note: {len(names)} of {total} factorised convs have ranks that are not multiples of 16 (e.g. {names[0]}); "
               "CPU runtimes, ONNX Runtime above all, run aligned ranks markedly faster (benchmarks/README.md, "
               "'Deploy path latency'): export without --align-ranks 1 (it pads them to 16), or plan with "

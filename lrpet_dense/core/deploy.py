@@ -105,15 +105,11 @@ def unaligned_ranks(model: nn.Module, multiple: int = 16, *, paddable: bool = Fa
     ``benchmarks/README.md``, "Deploy path latency"); plans made with ``rank_multiple=16`` avoid them, and
     :func:`align_ranks_` pads them at export.
     """
-    names, total = [], 0
-    for name, m in model.named_modules():
-        if isinstance(m, FactorizedConv2d):
-            total += 1
-            if paddable:
-                if _padded_rank(m, multiple) != m.rank:
-                    names.append(name)
-            elif full_rank((m.out_channels, m.in_channels, *m.kernel_size)) >= multiple and m.rank % multiple:
-                names.append(name)
+    total = sum(isinstance(m, FactorizedConv2d) for m in model.modules())
+    if paddable:
+        return [name for name, _, _ in _paddings(model, multiple)], total
+    names = [name for name, m in model.named_modules() if isinstance(m, FactorizedConv2d)
+             and full_rank((m.out_channels, m.in_channels, *m.kernel_size)) >= multiple and m.rank % multiple]
     return names, total
 
 
@@ -122,13 +118,15 @@ def _check_multiple(multiple: int) -> None:
         raise ValueError(f"the rank multiple must be an integer >= 1, got {multiple!r}")
 
 
-def _padded_rank(m: FactorizedConv2d, multiple: int) -> int:
-    """The rank ``m`` gets from :func:`align_ranks_`: the next multiple, where the pair stays cheaper than dense."""
-    shape = (m.out_channels, m.in_channels, *m.kernel_size)
-    padded = -(-m.rank // multiple) * multiple
-    if multiple <= 1 or padded == m.rank or full_rank(shape) < multiple or not factorization_saves(shape, padded):
-        return m.rank
-    return padded
+def _paddings(model: nn.Module, multiple: int):
+    """``(name, conv, padded rank)`` of each factorised conv :func:`align_ranks_` pads: its rank rounded up
+    to the next multiple, where the conv is at least that wide and the padded pair stays cheaper than dense."""
+    for name, m in model.named_modules():
+        if isinstance(m, FactorizedConv2d):
+            shape = (m.out_channels, m.in_channels, *m.kernel_size)
+            padded = -(-m.rank // multiple) * multiple
+            if padded != m.rank and full_rank(shape) >= multiple and factorization_saves(shape, padded):
+                yield name, m, padded
 
 
 def _zero_padded(weight: torch.Tensor, dim: int, size: int) -> nn.Parameter:
@@ -158,13 +156,10 @@ def align_ranks_(model: nn.Module, multiple: int = 16) -> List[str]:
         The names of the padded convs.
     """
     _check_multiple(multiple)
-    todo = [(name, m, _padded_rank(m, multiple)) for name, m in model.named_modules()
-            if isinstance(m, FactorizedConv2d)]
-    todo = [t for t in todo if t[2] != t[1].rank]
+    todo = list(_paddings(model, multiple))
     for name, m, rank in todo:
-        with torch.no_grad():
-            m.conv_a.weight = _zero_padded(m.conv_a.weight, 0, rank)
-            m.conv_b.weight = _zero_padded(m.conv_b.weight, 1, rank)
+        m.conv_a.weight = _zero_padded(m.conv_a.weight, 0, rank)
+        m.conv_b.weight = _zero_padded(m.conv_b.weight, 1, rank)
         m.conv_a.out_channels = rank
         m.conv_b.in_channels = rank
     if todo:
@@ -174,11 +169,10 @@ def align_ranks_(model: nn.Module, multiple: int = 16) -> List[str]:
 
 def aligned_for_export(model: nn.Module, multiple: int = 16) -> Tuple[nn.Module, List[str]]:
     """``model`` itself when no rank needs padding, else a copy with :func:`align_ranks_` applied (the
-    model given is never changed); and the names of the padded convs. The caller checks the copy's
-    exported outputs against ``model``'s."""
+    model given is never changed); and the names of the padded convs. The export path
+    (:func:`lrpet_dense.core.export.export_aligned`) checks the copy's exported outputs against ``model``'s."""
     _check_multiple(multiple)
-    if multiple == 1 or not any(_padded_rank(m, multiple) != m.rank for m in model.modules()
-                                if isinstance(m, FactorizedConv2d)):
+    if next(_paddings(model, multiple), None) is None:
         return model, []
     padded = copy.deepcopy(model)
     return padded, align_ranks_(padded, multiple)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["export_onnx", "check_onnx", "ort_session", "ort_runner"]
+__all__ = ["export_onnx", "export_aligned", "check_onnx", "ort_session", "ort_runner"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,36 @@ def export_onnx(module: torch.nn.Module, args: Tuple[torch.Tensor, ...], path: s
         if os.path.exists(tmp):
             os.unlink(tmp)
     return result
+
+
+def export_aligned(model: torch.nn.Module, wrap: Callable[[torch.nn.Module], torch.nn.Module],
+                   args: Tuple[torch.Tensor, ...], path: str, *, align_ranks: int = 16, dynamo: bool, opset: int = 17,
+                   input_names: Optional[Sequence[str]] = None, output_names: Optional[Sequence[str]] = None,
+                   compare: Optional[Callable[[torch.nn.Module, List[Any], List[torch.Tensor]], Dict[str, float]]] = None
+                   ) -> Dict[str, Any]:
+    """:func:`export_onnx` of ``wrap(model)`` with the factorised ranks zero-padded to multiples of
+    ``align_ranks`` (on a copy: :func:`~lrpet_dense.core.deploy.aligned_for_export`; 1: unpadded), the file
+    checked in ONNX Runtime against ``wrap(model)``'s own outputs: the model given, unpadded.
+
+    Args:
+        wrap: builds the module that is exported from a model (a framework's tracing wrapper).
+        compare: ``compare(exported module, ONNX Runtime outputs, reference)`` instead of
+            :func:`check_onnx`'s output-by-output check.
+
+    Returns:
+        ``{"reference": [PyTorch outputs], "check": {...}, "aligned": [padded conv names]}``.
+    """
+    from .deploy import aligned_for_export
+
+    with torch.no_grad():
+        out = wrap(model).eval()(*args)
+    reference = list(out) if isinstance(out, (tuple, list)) else [out]
+    exported, aligned = aligned_for_export(model, align_ranks)
+    module = wrap(exported).eval()
+    by = None if compare is None else (lambda outs, ref: compare(module, outs, ref))  # noqa: E731
+    check = export_onnx(module, args, path, dynamo=dynamo, opset=opset, input_names=input_names,
+                        output_names=output_names, check=lambda f: check_onnx(f, list(args), reference, compare=by))
+    return {"reference": reference, "check": check, "aligned": aligned}
 
 
 def ort_session(path: str, threads: Optional[int] = None):

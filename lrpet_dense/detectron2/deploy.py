@@ -307,7 +307,7 @@ def export_onnx(model: nn.Module, path: str, image_hw: Tuple[int, int], *, align
     (:func:`_match_detections`).
 
     The factorised ranks are zero-padded to multiples of ``align_ranks`` in the exported graph
-    (:func:`lrpet_dense.core.deploy.aligned_for_export`: on a copy, exact; 1 turns it off), and ONNX
+    (:func:`lrpet_dense.core.export.export_aligned`: on a copy, exact; 1 turns it off), and ONNX
     Runtime's detections are checked against ``model``'s own.
 
     Returns:
@@ -318,9 +318,7 @@ def export_onnx(model: nn.Module, path: str, image_hw: Tuple[int, int], *, align
     """
     from detectron2.export import STABLE_ONNX_OPSET_VERSION, TracingAdapter
 
-    from lrpet_dense.core.deploy import aligned_for_export
-    from lrpet_dense.core.export import check_onnx
-    from lrpet_dense.core.export import export_onnx as _export
+    from lrpet_dense.core.export import export_aligned
 
     model = unwrap_model(model).eval()
     image = (torch.rand(3, *image_hw, generator=torch.Generator().manual_seed(0)) * 255).to(model.device)
@@ -328,14 +326,11 @@ def export_onnx(model: nn.Module, path: str, image_hw: Tuple[int, int], *, align
     def inference(m, inputs):
         return [{"instances": m.inference(inputs, do_postprocess=False)[0]}]
 
-    with torch.no_grad():
-        reference = TracingAdapter(model, [{"image": image}], inference).eval()(image)
-    exported, aligned = aligned_for_export(model, align_ranks)
-    adapter = TracingAdapter(exported, [{"image": image}], inference).eval()
-    check = _export(adapter, (image,), path, dynamo=False, opset=max(STABLE_ONNX_OPSET_VERSION, ROI_OPSET),
-                    check=lambda f: check_onnx(f, [image], reference,
-                                               compare=lambda outs, ref: _match_detections(adapter, outs, ref)))
-    return {"inputs": [list(image.shape)], "outputs": len(reference), "check": check, "aligned": aligned}
+    out = export_aligned(model, lambda m: TracingAdapter(m, [{"image": image}], inference), (image,), path,
+                         align_ranks=align_ranks, dynamo=False, opset=max(STABLE_ONNX_OPSET_VERSION, ROI_OPSET),
+                         compare=_match_detections)
+    return {"inputs": [list(image.shape)], "outputs": len(out["reference"]), "check": out["check"],
+            "aligned": out["aligned"]}
 
 
 def _match_detections(adapter, outs, reference, rtol: float = 1e-3, atol: float = 1e-3) -> Dict[str, float]:

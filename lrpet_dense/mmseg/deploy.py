@@ -269,16 +269,11 @@ def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int], *, align
     Raises:
         ValueError: ONNX Runtime's logits differ from PyTorch's.
     """
-    from lrpet_dense.core.deploy import aligned_for_export
-    from lrpet_dense.core.export import check_onnx
-    from lrpet_dense.core.export import export_onnx as _export
+    from lrpet_dense.core.export import export_aligned
 
     model = unwrap_model(model).eval()
     param = next(model.parameters())
     x = torch.randn(1, 3, *input_hw, generator=torch.Generator().manual_seed(0)).to(param.device)
-    with torch.no_grad():
-        reference = _TensorMode(model).eval()(x)
-    exported, aligned = aligned_for_export(model, align_ranks)
-    check = _export(_TensorMode(exported).eval(), (x,), path, dynamo=True, opset=18, input_names=["image"],
-                    output_names=["logits"], check=lambda f: check_onnx(f, [x], [reference]))
-    return {"inputs": [list(x.shape)], "outputs": 1, "check": check, "aligned": aligned}
+    out = export_aligned(model, _TensorMode, (x,), path, align_ranks=align_ranks, dynamo=True, opset=18,
+                         input_names=["image"], output_names=["logits"])
+    return {"inputs": [list(x.shape)], "outputs": 1, "check": out["check"], "aligned": out["aligned"]}

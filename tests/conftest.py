@@ -99,6 +99,7 @@ def d2_small_ckpts(tmp_path_factory):
     cfg.merge_from_file(str(D2_TOY_CFG))
     cfg.merge_from_list(D2_TINY + ["LRPET.INCLUDE", ["backbone.res3.*"], "LRPET.TARGET_MACS_CUT", 0.0,
                                    "LRPET.RATIO", 0.5])
+    torch.manual_seed(0)  # reproducible weights; the export check must hold for any (tested over 40 seeds)
     model = build_model(cfg)
     hook = LRPETHook.from_config(cfg, model)
     project_(hook._layers, hook.plan)

@@ -165,6 +165,73 @@ def test_export_aligned_checks_the_padded_file_against_the_unpadded_model(tmp_pa
     assert not (tmp_path / "bad.onnx").exists() and net[0].rank == 18
 
 
+def test_export_aligned_leaves_internal_outputs_out_of_the_file(tmp_path):
+    """Outputs the check needs (a detector's tensors before each discrete step) are checked, then left out of the
+    file written: the same nodes, fewer outputs, the same values in ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from lrpet_dense.core.export import export_aligned, run_onnx
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.main, self.side = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.body(x).relu()
+            return self.main(y), self.body(x), self.side(y)  # the side head is needed only by its output
+
+    torch.manual_seed(0)
+    net, x = TwoHeads().eval(), torch.randn(1, 3, 9, 9)
+    seen = []
+    out = export_aligned(net, lambda m: m, (x,), str(tmp_path / "m.onnx"), dynamo=False, internal_outputs=2,
+                         compare=lambda module, outs, ref: seen.append(len(outs)) or {})
+    assert seen == [3] and len(out["reference"]) == 1
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert len(graph.output) == 1 and len(graph.node) == 3  # Conv, Relu, Conv: the side head's Conv is gone
+    assert not any("side" in t.name for t in graph.initializer)
+    (y,) = run_onnx(str(tmp_path / "m.onnx"), [x])
+    torch.testing.assert_close(torch.as_tensor(y), out["reference"][0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="internal_outputs=3"):
+        export_aligned(net, lambda m: m, (x,), str(tmp_path / "n.onnx"), dynamo=False, internal_outputs=3)
+
+
+def _selection(*rows):
+    boxes = torch.tensor([r[0] for r in rows], dtype=torch.float32)
+    return boxes, torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows])
+
+
+def test_detection_check_accepts_any_tie_order_of_greedy_nms_and_nothing_else():
+    """The exported detector's selections (proposals, detections) are checked as a greedy NMS + top-k of the same
+    candidates could make them for some order of tied scores: ONNX Runtime and PyTorch may break exact ties
+    (saturated scores of 1.0) differently, and a file that keeps, drops or invents a box is refused."""
+    pytest.importorskip("detectron2")
+    from lrpet_dense.detectron2.deploy import _check_selection
+
+    a, b = ([0, 0, 10, 10], 1.0, 0), ([1, 0, 11, 10], 1.0, 0)  # IoU 0.82, tied scores
+    c, d, e = ([50, 50, 60, 60], 0.9, 0), ([0, 0, 10, 10], 0.8, 1), ([80, 80, 90, 90], 0.05, 1)
+    candidates = _selection(a, b, c, d, e)
+
+    def check(*found, topk=100, groups=True):
+        boxes, scores, classes = _selection(*found)
+        return _check_selection((boxes, scores, classes if groups else None), candidates, "detection", iou=0.5,
+                                topk=topk, floor=0.05)
+
+    assert check(a, c, d) == 0.0 and check(b, c, d) == 0.0  # either tie order; e is at the score floor
+    assert check(d, c, a) == 0.0 and check(b, c, d, groups=False) == 0.0  # any order; groups from the candidates
+    assert check(a, c, topk=2) == 0.0  # d and e cut by the top 2
+    for found, topk, match in (((a, b, c, d), 100, "overlapping"), ((a, d), 100, "drops .* candidate 2"),
+                               ((a, c), 100, "drops .* candidate 3"), ((a, d), 2, "drops .* candidate 2"),
+                               ((a, c, d, ([30, 30, 40, 40], 0.9, 0)), 100, "not among"),
+                               ((a, c, ([0, 0, 10, 10], 0.8, 0)), 100, "not among")):
+        with pytest.raises(ValueError, match=match):
+            check(*found, topk=topk)
+    moved = ([0, 0, 10, 10.5], 1.0, 0)
+    with pytest.raises(ValueError, match="not among"):
+        check(moved, c, d)
+
+
 def test_latency_plan_cuts_measured_latency_and_leaves_slow_layers_dense():
     specs = [LayerSpec("fast", (256, 256, 3, 3), (8, 8)), LayerSpec("slow", (256, 256, 3, 3), (8, 8))]
     plan = build_rank_plan(specs, LRPETConfig(target_latency_cut=0.3), latency=_table())
@@ -279,6 +346,56 @@ def test_mmseg_inference_form_onnx_and_torch_export(seg_small_ckpts, tmp_path):
                       {"LRPET_TOY_VOC_ROOT": str(tmp_path)})
     assert code == 0, text[-3000:]
     assert out.exists() and "ONNX Runtime vs PyTorch" in text
+
+
+def test_detectron2_export_refuses_a_graph_that_differs_at_any_stage(tmp_path, monkeypatch):
+    """The detector's export check, stage by stage: a graph whose convs, NMS or top-k are not the model's is
+    refused and no file is written (here the exported copy is altered behind the check's back)."""
+    pytest.importorskip("onnxruntime")
+    import copy
+
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    import lrpet_dense.core.deploy as deploy
+    import lrpet_dense.detectron2 as ld
+
+    cfg = get_cfg()
+    ld.add_lrpet_config(cfg)
+    cfg.merge_from_file(str(D2_TOY_CFG))
+    cfg.merge_from_list(list(D2_TINY))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    result = ld.export_onnx(model, str(tmp_path / "ok.onnx"), (96, 128))
+    assert set(result["check"]) == {"rpn_head", "proposals_px", "box_predictor", "detections_px"}
+    assert (tmp_path / "ok.onnx").exists() and result["outputs"] == 4  # boxes, classes, scores, image size
+
+    def objectness(m):
+        m.proposal_generator.rpn_head.objectness_logits.bias.data += 0.01
+
+    def res5(m):
+        m.roi_heads.res5[0].conv1.weight.data *= 1.01
+
+    def nms(m):
+        m.roi_heads.box_predictor.test_nms_thresh = 0.99
+
+    def topk(m):
+        m.roi_heads.box_predictor.test_topk_per_image = 3
+
+    for alter, match in ((objectness, "the RPN head"), (res5, "the box predictor"), (nms, "overlapping"),
+                         (topk, "drops")):
+        def altered(m, multiple, alter=alter):
+            m = copy.deepcopy(m)
+            alter(m)
+            return m, []
+
+        monkeypatch.setattr(deploy, "aligned_for_export", altered)
+        with pytest.raises(ValueError, match=match):
+            ld.export_onnx(model, str(tmp_path / f"{alter.__name__}.onnx"), (96, 128))
+        assert not (tmp_path / f"{alter.__name__}.onnx").exists()
+    model.roi_heads.mask_on = True  # masks: outputs the check would not cover
+    with pytest.raises(ValueError, match="mask_on"):
+        ld.export_onnx(model, str(tmp_path / "masks.onnx"), (96, 128))
 
 
 def test_export_pads_unaligned_ranks_and_checks_the_file_against_the_model_given(tmp_path):

@@ -12,9 +12,11 @@ mmseg (the segmentor in ``mode='tensor'``: logits, through torch's dynamo ONNX e
 The model is put in its inference form first (BatchNorms folded into the convs, checked in float64
 against the model as loaded; ``--keep-bn`` skips that), exported for one ``--input-size`` input
 (default: the config's test size / crop size), run in ONNX Runtime and compared with PyTorch on the
-same input: every output within float32 tolerance (detections matched by class and score, as their
-order may differ between equal scores). The check is printed; a failed check is exit status 2 and the
-file is not kept. Factorised ranks are zero-padded to multiples of ``--align-ranks`` (16) in the file:
+same input: mmseg's logits within float32 tolerance; detectron2's detector stage by stage, each stage on
+the same inputs in both runtimes (RPN head and box predictor outputs within float32 tolerance; the
+proposals and detections must be a selection detectron2's NMS and top-k could make from the same
+candidates, as ties may break either way). The check is printed; a failed check is exit status 2 and
+the file is not kept. Factorised ranks are zero-padded to multiples of ``--align-ranks`` (16) in the file:
 exact (the added channels are zeros; the check above compares the file with the model as loaded), a
 few more MACs, and 9-15% less ONNX Runtime latency for the backbones of unaligned plans (whole models
 5-13%) measured on an AVX-512 Xeon (``benchmarks/README.md``).
@@ -76,8 +78,9 @@ def add_parser(sub) -> None:
 def _report(result: dict, path: str, model, multiple: int) -> int:
     from lrpet_dense.core.deploy import unaligned_ranks
 
-    print(f"wrote {path}: {result['inputs']} -> {result['outputs']} outputs; ONNX Runtime vs PyTorch on the same input: "
-          f"max |difference| {max(result['check'].values()) if result['check'] else 0:.3g} (within float32 tolerance)")
+    check = ", ".join(f"{'output ' + k if k.isdigit() else k} {v:.3g}" for k, v in result["check"].items())
+    print(f"wrote {path}: {result['inputs']} -> {result['outputs']} outputs; ONNX Runtime vs PyTorch on the same input, "
+          f"max |difference| (within float32 tolerance): {check or 'no outputs'}")
     if result["aligned"]:
         print(f"ranks of {len(result['aligned'])} factorised convs zero-padded to multiples of {multiple} in the file "
               "(exact; for the runtime's vector width)")

@@ -479,11 +479,11 @@ def _check_selection(found: Tuple[torch.Tensor, torch.Tensor, Optional[torch.Ten
 
     boxes, scores, groups = found
     c_boxes, c_scores, c_groups = candidates
+    s_tol = _score_tol(float(c_scores.abs().max()) if len(c_scores) else 0.0)
     if not len(boxes):
-        if len(c_boxes) and (floor is None or bool((c_scores > floor + _score_tol(1.0)).any())):
+        if len(c_boxes) and (floor is None or bool((c_scores > floor + s_tol).any())):
             raise ValueError(f"ONNX Runtime selects no {what} boxes from {len(c_boxes)} candidates")
         return 0.0
-    s_tol = _score_tol(float(c_scores.abs().max()) if len(c_scores) else 0.0)
     box_tol = 1e-2 + 1e-3 * (float(c_boxes.abs().max()) if len(c_boxes) else 0.0)
     distance = (boxes[:, None, :] - c_boxes[None, :, :]).abs().amax(dim=2)  # found x candidates
     eligible = (distance <= box_tol) & ((scores[:, None] - c_scores[None, :]).abs() <= s_tol)

@@ -88,8 +88,8 @@ def test_seg_checkpoint_with_other_class_is_refused(seg_stock_ckpt, seg_toy_data
                       tmp_path)
     assert code != 0 and "argparse.Namespace" in text  # torch's own refusal, in mmseg's own tool
     with pytest.raises(Exception, match="getattr"):  # the restricted getattr refuses anything but the 4 methods
-        from lrpet_dense.mmseg.checkpoint import _history_buffer_getattr
-        _history_buffer_getattr(torch, "load")
+        from lrpet_dense.mmseg.checkpoint import history_buffer_getattr
+        history_buffer_getattr(torch, "load")
 
 
 # =============================================================================== detectron2

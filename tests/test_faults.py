@@ -122,8 +122,8 @@ def test_mmseg_sigkill_then_resume_equals_uninterrupted(seg_run, seg_toy_data, t
 
 # ------------------------------------------------------------------------------ failing projection
 def _fail_on(layer_name: str, times: int = 1):
-    """A ``_compute_projection`` that raises for ``layer_name`` (the first ``times`` calls)."""
-    real = projection_mod._compute_projection
+    """A ``compute_projection`` that raises for ``layer_name`` (the first ``times`` calls)."""
+    real = projection_mod.compute_projection
     calls = {"n": 0}
 
     def fake(weight, rank, bn_scale, config, name="weight"):
@@ -174,7 +174,7 @@ def _d2_setup(on_error: str):
 def test_detectron2_failure_midway_raise_changes_nothing(monkeypatch):
     model, layers, _, _, trainer, snap = _d2_setup("raise")
     assert layers[4].name == "backbone.4"
-    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.4"))
+    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.4"))
     with pytest.raises(ProjectionError, match=r"after step 3 .*'backbone\.4'.*injected failure") as err:
         trainer.train(0, 7)
     assert err.value.iteration == 3 and trainer.iter == 2  # stopped in the step that projects
@@ -184,7 +184,7 @@ def test_detectron2_failure_midway_raise_changes_nothing(monkeypatch):
 
 def test_detectron2_failure_midway_skip_trains_on(monkeypatch, caplog):
     model, layers, plan, hook, trainer, _ = _d2_setup("skip")
-    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.4"))
+    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.4"))
     with caplog.at_level("ERROR", logger="lrpet_dense.core.schedule"):
         trainer.train(0, 7)
     assert trainer.iter == 7  # training went on to the end
@@ -223,7 +223,7 @@ def test_mmseg_failure_midway_raise_changes_nothing(monkeypatch):
     model, hook, runner = _seg_setup("raise")
     assert hook._layers[4].name == "backbone.8"  # the fifth conv
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.8"))
+    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.8"))
     runner.iter = 1  # after iteration 2
     with pytest.raises(ProjectionError, match=r"after step 2 .*'backbone\.8'.*injected failure"):
         hook.after_train_iter(runner, 1)
@@ -235,7 +235,7 @@ def test_mmseg_failure_midway_raise_changes_nothing(monkeypatch):
 def test_mmseg_failure_midway_skip_trains_on(monkeypatch, caplog):
     model, hook, runner = _seg_setup("skip")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.8"))
+    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.8"))
     runner.iter = 1
     with caplog.at_level("ERROR", logger="lrpet_dense.core.schedule"):
         hook.after_train_iter(runner, 1)  # fails, is logged, nothing changes

@@ -134,7 +134,7 @@ def bench_det(args, data_root: str, log) -> dict:
     hook = LRPETHook.from_config(cfg, model)  # the hook train_det.py would install, on the trained model
     proj = []
     for i in range(args.projections):
-        proj.append(hook.projector.project_(hook._layers, hook.plan, (i + 1) * interval).seconds)
+        proj.append(hook.projector.project_(hook.layers, hook.plan, (i + 1) * interval).seconds)
     res = {"framework": "detectron2", "config": os.path.relpath(DET_TOY, ROOT),
            "input": f"{args.det_size}px short side",
            "batch": int(cfg.SOLVER.IMS_PER_BATCH), "interval": interval, "layers": len(hook.plan),
@@ -223,7 +223,7 @@ def bench_seg(args, data_root: str, log) -> dict:
     kwargs = {k: v for k, v in hook_cfg.items() if k != "type"}
     hook = LRPETHook(**kwargs)
     hook.before_train(runner)  # pairing and plan on the trained model, as in a real run
-    proj = [hook.projector.project_(hook._layers, hook.plan, (i + 1) * hook.interval).seconds
+    proj = [hook.projector.project_(hook.layers, hook.plan, (i + 1) * hook.interval).seconds
             for i in range(args.projections)]
     res = {"framework": "mmseg", "config": os.path.relpath(SEG_TOY, ROOT),
            "input": f"crop {args.seg_crop}x{args.seg_crop}",

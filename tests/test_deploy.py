@@ -207,7 +207,7 @@ def test_detection_check_accepts_any_tie_order_of_greedy_nms_and_nothing_else():
     candidates could make them for some order of tied scores: ONNX Runtime and PyTorch may break exact ties
     (saturated scores of 1.0) differently, and a file that keeps, drops or invents a box is refused."""
     pytest.importorskip("detectron2")
-    from lrpet_dense.detectron2.deploy import _check_selection
+    from lrpet_dense.detectron2.onnx import check_selection
 
     a, b = ([0, 0, 10, 10], 1.0, 0), ([1, 0, 11, 10], 1.0, 0)  # IoU 0.82, tied scores
     c, d, e = ([50, 50, 60, 60], 0.9, 0), ([0, 0, 10, 10], 0.8, 1), ([80, 80, 90, 90], 0.05, 1)
@@ -215,7 +215,7 @@ def test_detection_check_accepts_any_tie_order_of_greedy_nms_and_nothing_else():
 
     def check(*found, topk=100, groups=True):
         boxes, scores, classes = _selection(*found)
-        return _check_selection((boxes, scores, classes if groups else None), candidates, "detection", iou=0.5,
+        return check_selection((boxes, scores, classes if groups else None), candidates, "detection", iou=0.5,
                                 topk=topk, floor=0.05)
 
     assert check(a, c, d) == 0.0 and check(b, c, d) == 0.0  # either tie order; e is at the score floor

@@ -32,7 +32,7 @@ from lrpet_dense.core import FactorizedConv2d, LRPETConfig, build_rank_plan  # n
 from lrpet_dense.core.selection import layer_specs  # noqa: E402
 from lrpet_dense.detectron2 import (LRPETHook, add_lrpet_config, build_plan, compress_model_,  # noqa: E402
                                     insert_before_checkpointer, lrpet_config, pair_convs, plan_from_checkpoint)
-from lrpet_dense.detectron2.hook import default_plan_hw  # noqa: E402
+from lrpet_dense.detectron2 import default_plan_hw  # noqa: E402
 
 # The settings and the uninterrupted run are shared with tests/test_faults.py (tests/conftest.py).
 from conftest import D2_TINY as TINY  # noqa: E402
@@ -173,7 +173,7 @@ def test_default_selection_c4_and_fpn():
     assert p.names and all(n.startswith(("backbone.bottom_up.res", "backbone.fpn_")) for n in p.names)
     fpn_convs = [n for n in p.names if n.startswith("backbone.fpn_")]
     assert len(fpn_convs) == 8 and all(l.bn is None for l in p.layers if l.name in fpn_convs)
-    plan = build_plan(fpn, p.layers, lrpet_config(fpn_cfg), default_plan_hw(fpn_cfg))
+    plan = build_plan(fpn, p.layers, lrpet_config(fpn_cfg), default_plan_hw(fpn, fpn_cfg))
     assert 0.5 <= plan.reached_macs_cut < 0.52 and plan.target_macs_cut == 0.5
     # the cut is a fraction of all of model.backbone's convs (what FlopCountAnalysis calls the backbone)
     assert plan.reference_macs > plan.macs_before > 0
@@ -198,7 +198,7 @@ def test_hook_schedule_storage_and_state():
         l.bn.running_var.uniform_(0.05, 0.2)
         l.bn.momentum = 0.0
     plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
-    hook = LRPETHook(model, layers, plan, LRPETConfig(interval=3))
+    hook = LRPETHook(model, LRPETConfig(interval=3), layers=layers, plan=plan)
     data = iter(lambda: torch.randn(2, 3, 8, 8), None)
     trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01))
     trainer.register_hooks([hook])
@@ -218,7 +218,7 @@ def test_hook_schedule_storage_and_state():
     torch.save(state, buf)  # plain data: round-trips through the weights-only loader
     assert torch.load(io.BytesIO(buf.getvalue()), weights_only=True) == state
     assert state["projector"] == {"last_iter": 7, "num_projections": 3} and state["plan"] == plan.to_dict()
-    fresh = LRPETHook(model, layers, plan, LRPETConfig(interval=3))
+    fresh = LRPETHook(model, LRPETConfig(interval=3), layers=layers, plan=plan)
     fresh.load_state_dict(state)
     assert fresh.projector.last_iter == 7 and not fresh.projector.should_project(7, is_last=True)
 
@@ -319,7 +319,7 @@ def test_hook_resume_is_exact_in_simple_trainer():
         plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
         g = torch.Generator().manual_seed(1)
         data = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(9)]
-        return model, LRPETHook(model, layers, plan, LRPETConfig(interval=3)), data
+        return model, LRPETHook(model, LRPETConfig(interval=3), layers=layers, plan=plan), data
 
     def trainer_for(model, hook, data, start):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

@@ -157,7 +157,7 @@ def _d2_setup(on_error: str):
     model = _D2Model()
     layers = pair_convs(model).layers
     plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
-    hook = LRPETHook(model, layers, plan, LRPETConfig(interval=3, on_error=on_error))
+    hook = LRPETHook(model, LRPETConfig(interval=3, on_error=on_error), layers=layers, plan=plan)
 
     class Snapshot(HookBase):  # the weights right before the projection of each step
         def after_step(self):
@@ -221,7 +221,7 @@ def _seg_setup(on_error: str, max_iters: int = 4):
 
 def test_mmseg_failure_midway_raise_changes_nothing(monkeypatch):
     model, hook, runner = _seg_setup("raise")
-    assert hook._layers[4].name == "backbone.8"  # the fifth conv
+    assert hook.layers[4].name == "backbone.8"  # the fifth conv
     before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.8"))
     runner.iter = 1  # after iteration 2
@@ -246,7 +246,7 @@ def test_mmseg_failure_midway_skip_trains_on(monkeypatch, caplog):
     runner.iter = 3  # the last iteration: projects (the injected failure was one-off)
     hook.after_train_iter(runner, 3)
     assert hook.projector.num_projections == 1 and hook.projector.last_iter == 4
-    for p in hook._layers:
+    for p in hook.layers:
         assert torch.linalg.matrix_rank(p.conv.weight.detach().reshape(16, -1)) == hook.plan[p.name].rank
 
 
@@ -260,7 +260,7 @@ def test_detectron2_nan_weights_reported_with_layer_and_step():
     model = _D2Model()
     layers = pair_convs(model).layers
     plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
-    hook = LRPETHook(model, layers, plan, LRPETConfig(interval=3))
+    hook = LRPETHook(model, LRPETConfig(interval=3), layers=layers, plan=plan)
     with torch.no_grad():
         model.backbone[2].weight[0, 0, 0, 0] = float("nan")
         model.backbone[3].weight[1, 1, 1, 1] = float("inf")

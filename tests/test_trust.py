@@ -132,7 +132,7 @@ def test_d2_lrpet_training_from_compressed_is_refused(d2_small_ckpts, d2_toy_voc
     compressed, _ = d2_small_ckpts
     code, text = run_failing(["tools/train_det.py", "--config", D2_TOY_CFG, *D2_TINY, "MODEL.WEIGHTS", compressed,
                               "OUTPUT_DIR", tmp_path], {"LRPET_TOY_VOC": d2_toy_voc})
-    assert "LRPET training needs dense weights" in text and "compressed (factorised)" in text
+    assert "LRPET training needs a dense model, but the model is factorised" in text and "LRPET.ENABLED False" in text
     assert not (tmp_path / "model_final.pth").exists()
 
 

@@ -21,7 +21,7 @@ The command line is ``lrpet-dense train-det | compress det | report det | export
 """
 from .adapter import ADAPTER, Detectron2Adapter, default_plan_hw
 from .checkpoint import RNGStateHook
-from .config import add_lrpet_config, lrpet_config, register_toy_voc, register_toy_voc_from_env
+from .config import add_lrpet_config, lrpet_config, lrpet_enabled, register_toy_voc, register_toy_voc_from_env
 from .deploy import (CompressedAwareCheckpointer, compress_model_, count_complexity, export_onnx, load_model,
                      plan_from_checkpoint, save_compressed, to_inference_)
 from .hook import LRPETHook, build_plan, insert_before_checkpointer
@@ -30,7 +30,7 @@ from .pairing import default_include, pair_convs, unwrap_model
 from .training import LRPETTrainer, prepare_model_, rng_preserving, train_loader_seed
 
 __all__ = [
-    "add_lrpet_config", "lrpet_config", "pair_convs", "default_include", "unwrap_model", "build_plan",
+    "add_lrpet_config", "lrpet_config", "lrpet_enabled", "pair_convs", "default_include", "unwrap_model", "build_plan",
     "default_plan_hw", "LRPETHook", "insert_before_checkpointer", "RNGStateHook", "LRPETTrainer", "prepare_model_",
     "train_loader_seed", "rng_preserving", "LRPETGeneralizedRCNN", "CompressedAwareCheckpointer", "load_model",
     "plan_from_checkpoint", "compress_model_", "save_compressed", "count_complexity", "output_tensors",

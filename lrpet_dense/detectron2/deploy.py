@@ -57,7 +57,8 @@ count_complexity = ADAPTER.count_complexity
 export_onnx = ADAPTER.export_onnx
 
 
-def load_model(cfg, path: str, *, device: Optional[str] = None, dense_only: bool = False) -> Tuple[nn.Module, dict]:
+def load_model(cfg, path: Optional[str] = None, *, device: Optional[str] = None,
+               dense_only: bool = False) -> Tuple[nn.Module, dict]:
     """Build ``cfg``'s model (any meta architecture) and load a dense or compressed ``.pth`` checkpoint strictly.
 
     The checkpoint is read with ``torch.load(weights_only=True)`` (errors name the file); a compressed
@@ -65,27 +66,38 @@ def load_model(cfg, path: str, *, device: Optional[str] = None, dense_only: bool
     missing, unexpected or mis-shaped key is an error (detectron2's own checkpointer only warns).
 
     Args:
-        cfg: a detectron2 config (``MODEL.WEIGHTS`` is ignored).
-        path: the checkpoint.
-        device: where the model goes. Defaults to None: ``cfg.MODEL.DEVICE``.
+        cfg: a detectron2 yacs config (``MODEL.WEIGHTS`` is ignored), or a LazyConfig (its ``model`` is
+            instantiated; ``train.init_checkpoint`` is ignored).
+        path: the checkpoint, or None for a freshly initialised model.
+        device: where the model goes. Defaults to None: ``cfg.MODEL.DEVICE`` (LazyConfig: ``train.device``,
+            else CPU).
         dense_only: refuse a compressed checkpoint (for tools that need dense weights). Defaults to False.
 
     Returns:
-        ``(model, checkpoint)``: the model in eval mode and the whole checkpoint dict.
+        ``(model, checkpoint)``: the model in eval mode and the whole checkpoint dict (``{}`` without one).
     """
-    from detectron2.modeling import build_model
+    from detectron2.config import CfgNode
 
-    ckpt = load_checkpoint_safe(path)
+    ckpt = load_checkpoint_safe(path) if path is not None else {}
     if dense_only and ADAPTER.is_compressed(ckpt):
         raise ValueError(f"checkpoint {path!r} is already compressed (factorised); give the dense training "
                          "checkpoint it was made from (e.g. model_final.pth)")
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.WEIGHTS = ""
-    if device is not None:
-        cfg.MODEL.DEVICE = device
-    cfg.freeze()
-    model = ADAPTER.load_state_(build_model(cfg), ckpt, path)
+    if isinstance(cfg, CfgNode):
+        from detectron2.modeling import build_model
+
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = ""
+        if device is not None:
+            cfg.MODEL.DEVICE = device
+        cfg.freeze()
+        model = build_model(cfg)
+    else:
+        from detectron2.config import instantiate
+
+        model = instantiate(cfg.model).to(device or (cfg.get("train") or {}).get("device", "cpu"))
+    if path is not None:
+        model = ADAPTER.load_state_(model, ckpt, path)
     return model.eval(), ckpt
 
 

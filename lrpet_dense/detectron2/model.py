@@ -54,7 +54,7 @@ def _fixed_boxes(h: int, w: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.tensor(boxes, dtype=dtype, device=device)
 
 
-def output_tensors(model: nn.Module, image: torch.Tensor) -> Dict[str, Any]:
+def output_tensors(model: nn.Module, inputs: torch.Tensor) -> Dict[str, Any]:
     """The detector's tensors before any discrete step (NMS, top-k, thresholds), for one image.
 
     Backbone features; RPN objectness logits and anchor deltas; box-head class scores and box deltas
@@ -63,8 +63,9 @@ def output_tensors(model: nn.Module, image: torch.Tensor) -> Dict[str, Any]:
 
     Args:
         model: a ``GeneralizedRCNN`` (C4 ``Res5ROIHeads`` or FPN ``StandardROIHeads``), in eval mode.
-        image: ``3 x H x W`` image tensor in the model's input format (0-255), any float dtype.
+        inputs: one ``3 x H x W`` image tensor in the model's input format (0-255), any float dtype.
     """
+    image = inputs
     from detectron2.structures import Boxes
 
     model = unwrap_model(model)

@@ -33,6 +33,7 @@ from lrpet_dense.core import enable_compressed_loading_, factorize_
 from lrpet_dense.rng import preserved_rng_state
 
 from .checkpoint import RNGStateHook
+from .config import lrpet_enabled
 from .deploy import CompressedAwareCheckpointer, compressed_plan_of
 from .hook import LRPETHook, insert_before_checkpointer
 from .pairing import unwrap_model
@@ -117,7 +118,7 @@ class LRPETTrainer(DefaultTrainer):
         self.checkpointer = CompressedAwareCheckpointer(self.model, self.cfg.OUTPUT_DIR, for_training=True,
                                                         trainer=self.checkpointer.checkpointables["trainer"])
         ret = super().build_hooks()
-        if self.cfg.LRPET.ENABLED:
+        if lrpet_enabled(self.cfg):
             insert_before_checkpointer(ret, LRPETHook.from_config(self.cfg, self.model))
         # Right before the checkpointer (after PreciseBN, which draws random numbers when it runs).
         rng_hook = RNGStateHook(self.cfg.SOLVER.CHECKPOINT_PERIOD, self.cfg.SOLVER.MAX_ITER)

@@ -32,10 +32,11 @@ PLAN_KEY = PLAN_METADATA_KEY
 DEFAULT_CROP = (512, 512)
 
 
-def output_tensors(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The segmentor's logits (``mode='tensor'``, before the argmax), e.g. to compare two models in float64."""
+def output_tensors(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The segmentor's logits (``mode='tensor'``, before the argmax) for an ``N x 3 x H x W`` batch ``inputs``,
+    e.g. to compare two models in float64."""
     with torch.no_grad():
-        return model(x, mode="tensor")
+        return model(inputs, mode="tensor")
 
 
 class MMSegAdapter(Adapter):

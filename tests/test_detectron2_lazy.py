@@ -73,3 +73,12 @@ def test_lazyconfig_fpn_trains_compresses_and_evaluates(d2_toy_voc, tmp_path):
               f"train.init_checkpoint={compressed}", f"train.output_dir={tuned}"], env)
     tuned_model, _ = load_model(cfg, str(tuned / "model_final.pth"))
     assert sum(isinstance(m, FactorizedConv2d) for m in tuned_model.modules()) == len(names)
+
+
+def test_the_documented_lazyconfig_loop_is_the_example_script():
+    """``docs/detectron2.md`` shows the script's ``do_train``, as it is."""
+    doc = (REPO / "docs" / "detectron2.md").read_text()
+    shown = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if b.startswith("def do_train"))
+    script = SCRIPT.read_text()
+    assert shown.strip() in script
+    assert shown.count("# LRPET") >= 5

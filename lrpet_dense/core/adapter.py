@@ -36,7 +36,7 @@ from .config import LRPETConfig
 from .factorize import (PLAN_METADATA_KEY, FactorizedConv2d, compressed_state_dict, model_plan, plan_in_state_dict)
 from .projection import ConvBN
 from .rank import RankPlan
-from .selection import FilterFn, Pairing, conv_names, output_sizes, pair_with, plan_layers
+from .selection import FilterFn, Pairing, output_sizes, pair_with, plan_layers
 from .session import FACTORIZED_MODEL_ERROR, LRPETSession
 
 __all__ = ["Adapter", "PlanForwards", "CHECK_HW"]

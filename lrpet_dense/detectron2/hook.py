@@ -21,7 +21,7 @@ Per projection it logs ``lrpet/time_s``, ``lrpet/energy_kept_mean``, ``lrpet/ene
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from torch import nn
 

@@ -268,6 +268,7 @@ def _run(args, env=None):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_detectron2_inference_form_and_onnx(d2_small_ckpts, d2_toy_voc, tmp_path):
     pytest.importorskip("onnxruntime")
     from detectron2.config import get_cfg
@@ -296,6 +297,7 @@ def test_detectron2_inference_form_and_onnx(d2_small_ckpts, d2_toy_voc, tmp_path
     assert out.exists() and "ONNX Runtime vs PyTorch" in text
 
 
+@pytest.mark.slow
 def test_detectron2_compressed_traces_with_tracing_adapter(d2_small_ckpts):
     from detectron2.config import get_cfg
     from detectron2.export import TracingAdapter
@@ -314,6 +316,7 @@ def test_detectron2_compressed_traces_with_tracing_adapter(d2_small_ckpts):
         assert len(traced(image)) == len(adapter(image))
 
 
+@pytest.mark.slow
 def test_mmseg_inference_form_onnx_and_torch_export(seg_small_ckpts, tmp_path):
     pytest.importorskip("onnxruntime")
     from unittest import mock
@@ -348,6 +351,7 @@ def test_mmseg_inference_form_onnx_and_torch_export(seg_small_ckpts, tmp_path):
     assert out.exists() and "ONNX Runtime vs PyTorch" in text
 
 
+@pytest.mark.slow
 def test_detectron2_export_refuses_a_graph_that_differs_at_any_stage(tmp_path, monkeypatch):
     """The detector's export check, stage by stage: a graph whose convs, NMS or top-k are not the model's is
     refused and no file is written (here the exported copy is altered behind the check's back)."""
@@ -398,6 +402,7 @@ def test_detectron2_export_refuses_a_graph_that_differs_at_any_stage(tmp_path, m
         ld.export_onnx(model, str(tmp_path / "masks.onnx"), (96, 128))
 
 
+@pytest.mark.slow
 def test_export_pads_unaligned_ranks_and_checks_the_file_against_the_model_given(tmp_path):
     """Both adapters' export: ranks 25 (not multiples of 16) are padded in the file, whose outputs ONNX Runtime
     checks against the unpadded model's; the model given keeps its ranks. Ratio 0.6 of the toy widths (64 -> 25)."""

@@ -238,6 +238,7 @@ def test_insert_before_checkpointer():
 
 
 # ---------------------------------------------------------------------------- real training run
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_projection_schedule_and_logging(run_a):
     out, _ = run_a
@@ -251,6 +252,7 @@ def test_projection_schedule_and_logging(run_a):
     assert "Evaluating voc_toy_2007_test using 2007 metric" in log
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_final_weights_low_rank_and_frozen_untouched(run_a):
     out, _ = run_a
@@ -272,6 +274,7 @@ def test_final_weights_low_rank_and_frozen_untouched(run_a):
         assert numerical_rank(sd[k]) == min(sd[k].shape[0], sd[k][0].numel())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_hook_runs_before_checkpointer(run_a):
     out, _ = run_a
@@ -283,6 +286,7 @@ def test_hook_runs_before_checkpointer(run_a):
         assert numerical_rank(ckpt["model"][name + ".weight"]) <= lp.rank, name
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_resume_matches_uninterrupted(run_a, toy_voc, tmp_path):
     """``--resume`` from the checkpoint after step 2 continues the schedule (projections at 4, 5 only,
@@ -310,6 +314,7 @@ def test_resume_matches_uninterrupted(run_a, toy_voc, tmp_path):
         assert numerical_rank(b[name + ".weight"]) == lp.rank
 
 
+@pytest.mark.slow
 def test_hook_resume_is_exact_in_simple_trainer():
     """The hook's state makes a resumed SimpleTrainer reproduce an uninterrupted one exactly."""
     def make():
@@ -355,6 +360,7 @@ def test_hook_resume_is_exact_in_simple_trainer():
 
 
 # ---------------------------------------------------------------------------- compression
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_compress_tool_reports_and_saves(compressed):
     path, text = compressed
@@ -366,6 +372,7 @@ def test_compress_tool_reports_and_saves(compressed):
     assert isinstance(ckpt["lrpet_plan"], dict) and ckpt["lrpet_factorized"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_compressed_loads_and_predicts_like_dense(run_a, compressed, toy_voc):
     """The factorised detector computes what the projected dense one computes: checked in float64 on the
@@ -402,6 +409,7 @@ def test_compressed_loads_and_predicts_like_dense(run_a, compressed, toy_voc):
     assert len(instances) > 0 and torch.isfinite(instances.pred_boxes.tensor).all()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_eval_only_compressed_any_meta_architecture(run_a, compressed, toy_voc, tmp_path):
     """``--eval-only`` builds the factorised model from the checkpoint's plan with the LRPET meta
@@ -417,6 +425,7 @@ def test_eval_only_compressed_any_meta_architecture(run_a, compressed, toy_voc, 
     assert all(0.0 <= v <= 100.0 for v in ap) and copypaste_ap(stock) == ap
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mismatched_checkpoints_are_clear_errors(run_a, compressed):
     out, _ = run_a

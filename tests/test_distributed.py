@@ -290,6 +290,7 @@ def _d2_worker(devkit: str, out_dir: str) -> None:
     comm.synchronize()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_detectron2_hook_with_launch_ddp_ranks_identical(tmp_path):
     pytest.importorskip("detectron2")
@@ -384,6 +385,7 @@ custom_hooks = [
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_mmseg_runner_pytorch_launcher_ranks_identical(tmp_path):
     mmseg = pytest.importorskip("mmseg")

@@ -74,6 +74,7 @@ def _assert_same_state(resumed: dict, full: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ SIGKILL + resume
+@pytest.mark.slow
 def test_detectron2_sigkill_then_resume_equals_uninterrupted(d2_run, d2_toy_voc, tmp_path):
     pytest.importorskip("detectron2")
     full_dir, _ = d2_run
@@ -98,6 +99,7 @@ def test_detectron2_sigkill_then_resume_equals_uninterrupted(d2_run, d2_toy_voc,
     _assert_same_state(resumed["model"], full["model"])
 
 
+@pytest.mark.slow
 def test_mmseg_sigkill_then_resume_equals_uninterrupted(seg_run, seg_toy_data, tmp_path):
     pytest.importorskip("mmseg")
     wd = tmp_path / "killed"
@@ -171,6 +173,7 @@ def _d2_setup(on_error: str):
     return model, layers, plan, hook, trainer, snap
 
 
+@pytest.mark.slow
 def test_detectron2_failure_midway_raise_changes_nothing(monkeypatch):
     model, layers, _, _, trainer, snap = _d2_setup("raise")
     assert layers[4].name == "backbone.4"
@@ -182,6 +185,7 @@ def test_detectron2_failure_midway_raise_changes_nothing(monkeypatch):
         assert torch.equal(v, snap.weights[k]), k
 
 
+@pytest.mark.slow
 def test_detectron2_failure_midway_skip_trains_on(monkeypatch, caplog):
     model, layers, plan, hook, trainer, _ = _d2_setup("skip")
     monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.4"))
@@ -219,6 +223,7 @@ def _seg_setup(on_error: str, max_iters: int = 4):
     return model, hook, runner
 
 
+@pytest.mark.slow
 def test_mmseg_failure_midway_raise_changes_nothing(monkeypatch):
     model, hook, runner = _seg_setup("raise")
     assert hook.layers[4].name == "backbone.8"  # the fifth conv
@@ -232,6 +237,7 @@ def test_mmseg_failure_midway_raise_changes_nothing(monkeypatch):
     assert hook.projector.num_projections == 0
 
 
+@pytest.mark.slow
 def test_mmseg_failure_midway_skip_trains_on(monkeypatch, caplog):
     model, hook, runner = _seg_setup("skip")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -416,6 +422,7 @@ def _save_plain(state, out, rank) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_rng_state_hook_two_workers(tmp_path):
     """Each worker gets its own RNG streams back from the (main process's) checkpoint state."""
     pytest.importorskip("detectron2")

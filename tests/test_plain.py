@@ -258,3 +258,15 @@ def test_plain_export_onnx(tmp_path):
     out = lrpet.export_onnx(model, str(tmp_path / "m.onnx"), example)
     # the second conv's rank 12 is padded to 16 in the file (the first one's padded pair would cost more)
     assert (tmp_path / "m.onnx").exists() and out["outputs"] == 1 and out["aligned"] == ["3"]
+
+
+def test_count_complexity_counts_the_factorised_model_with_torchs_counter():
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    example = torch.randn(1, 3, 32, 32)
+    before = lrpet.core.plain.count_complexity(model, example)["model"]
+    session = lrpet.prepare(model, example, LRPETConfig(target_macs_cut=0.5))
+    lrpet.compress_model_(model, session.plan, example, project=True)
+    after = lrpet.core.plain.count_complexity(model, example)["model"]
+    convs = before["macs"] - after["macs"]  # only conv MACs change: the plan's cut of them, to the MAC
+    assert convs == session.plan.macs_before - session.plan.macs_after > 0
+    assert after["params"] < before["params"]

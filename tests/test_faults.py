@@ -114,7 +114,7 @@ def test_mmseg_sigkill_then_resume_equals_uninterrupted(seg_run, seg_toy_data, t
                           env=seg_env(seg_toy_data), cwd=wd, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-5000:]
     text = proc.stdout + proc.stderr
-    assert "keeping the checkpoint's plan" in text
+    assert "continuing with the checkpoint's plan" in text
     assert re.findall(r"LRPET projection (\d+) after iteration (\d+)", text) == [("2", "3")]
     full, resumed = _load(seg_run / "iter_3.pth"), _load(wd / "iter_3.pth")
     assert resumed["lrpet"] == full["lrpet"]

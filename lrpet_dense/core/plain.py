@@ -157,16 +157,23 @@ class PlainAdapter(Adapter):
     Args:
         example_inputs: what the model is called with (a tensor: ``model(x)``; a tuple: ``model(*x)``; a
             dict: ``model(**x)``), on the model's device: the planning forward and, cast to float64 on
-            CPU, the input of the output checks.
+            CPU, the input of the output checks. Defaults to None: only the checkpoint functions
+            (:meth:`save_compressed`, :meth:`plan_from_checkpoint`, :meth:`load_state_`) work then.
     """
 
     name = "torch"
     checkpoint_key = "model"
 
-    def __init__(self, example_inputs: Any):
-        _as_call(example_inputs)  # checks the type
+    def __init__(self, example_inputs: Any = None):
+        if example_inputs is not None:
+            _as_call(example_inputs)  # checks the type
         self.example_inputs = example_inputs
         self._recorded: Optional[_Recorded] = None
+
+    def _call(self) -> Tuple[tuple, dict]:
+        if self.example_inputs is None:
+            raise ValueError("this needs the model's example inputs: PlainAdapter(example_inputs)")
+        return _as_call(self.example_inputs)
 
     # -- supplied -------------------------------------------------------------------------------------
     def find_norm(self, name, conv, parent, child):
@@ -191,7 +198,7 @@ class PlainAdapter(Adapter):
         return ["*"]
 
     def default_input_hw(self, model, cfg=None):
-        args, kwargs = _as_call(self.example_inputs)
+        args, kwargs = self._call()
         for t in list(args) + list(kwargs.values()):
             if isinstance(t, torch.Tensor) and t.dim() >= 3:
                 return int(t.shape[-2]), int(t.shape[-1])
@@ -201,10 +208,11 @@ class PlainAdapter(Adapter):
         if tuple(input_hw) != self.default_input_hw(model):
             raise ValueError(f"plain PyTorch plans on the example input ({self.default_input_hw(model)}); give an "
                              f"example input of the size to plan for instead of plan_input_size={tuple(input_hw)}")
-        args, kwargs = _as_call(self.example_inputs)
+        args, kwargs = self._call()
         return PlanForwards(lambda: model(*args, **kwargs), conv_names(model))
 
     def check_inputs(self, model, input_hw):
+        self._call()
         return _map_tensors(self.example_inputs,
                             lambda t: t.detach().cpu().double() if t.is_floating_point() else t.detach().cpu())
 
@@ -223,7 +231,7 @@ class PlainAdapter(Adapter):
         from torch.utils.flop_counter import FlopCounterMode
 
         model = self.unwrap(model)
-        args, kwargs = _as_call(self.example_inputs)
+        args, kwargs = self._call()
         counter = FlopCounterMode(display=False)
         with eval_mode(model), torch.no_grad(), counter:
             model(*args, **kwargs)
@@ -236,7 +244,7 @@ class PlainAdapter(Adapter):
         from .export import export_aligned
 
         model = self.unwrap(model).eval()
-        args, kwargs = _as_call(self.example_inputs)
+        args, kwargs = self._call()
         if kwargs:
             raise ValueError("ONNX export takes positional example inputs (a tensor or a tuple), not a dict")
         out = export_aligned(model, lambda m: m, args, path, align_ranks=align_ranks, dynamo=True, opset=18)
@@ -246,6 +254,7 @@ class PlainAdapter(Adapter):
     # -- the recorded forward before each pairing ----------------------------------------------------------
     def pair_convs(self, model, config=None, filter_fn=None, *, factorized=False) -> Pairing:
         model = self.unwrap(model)
+        self._call()
         self._recorded = record_forward(model, self.example_inputs, factorized=factorized)
         reached = set(self._recorded.out_sizes)
         unreached: List[str] = []
@@ -315,7 +324,7 @@ def to_inference_(model: nn.Module, example_inputs: Any, *, rtol: float = 1e-4) 
     return PlainAdapter(example_inputs).to_inference_(model, rtol=rtol)
 
 
-_CHECKPOINTS = PlainAdapter(torch.zeros(0))  # the checkpoint layout needs no example input
+_CHECKPOINTS = PlainAdapter()  # the checkpoint layout needs no example input
 
 
 def save_compressed(model: nn.Module, path: str, meta: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:

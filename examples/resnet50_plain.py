@@ -1,6 +1,6 @@
 """LRPET in a plain PyTorch training loop: torchvision's ResNet-50 on generated data (no download).
 
-    python examples/resnet50_plain.py [--steps 8] [--interval 4] [--macs-cut 0.5] [--size 64] [--out OUT]
+    python examples/resnet50_plain.py [--steps 8] [--interval 4] [--macs-cut 0.5] [--size 64] [--lr 0.001] [--out OUT]
 
 The model trains at full shape; every ``--interval`` optimizer steps (and after the last one) the
 selected convs are projected onto their planned ranks; at the end each becomes two thin convs, checked
@@ -39,6 +39,7 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=64, help="image size")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate")
     p.add_argument("--out", default=None, help="folder of the compressed checkpoint (default: a temporary one)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -48,7 +49,7 @@ def main(argv=None) -> dict:
     example = torch.randn(2, 3, args.size, args.size)
     config = lrpet.LRPETConfig(target_macs_cut=args.macs_cut, interval=args.interval)
     session = lrpet.prepare(model, example, config, total_steps=args.steps)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     data = batches(args.classes, args.size, args.batch)
     model.train()
     for step in range(args.steps):

@@ -409,7 +409,7 @@ def det_job(setup: Setup, job: Job) -> Dict[str, Any]:
     from lrpet_dense.core import LRPETConfig
     from lrpet_dense.detectron2 import (build_plan, compress_model_, count_complexity, load_model, pair_convs,
                                         unwrap_model)
-    from lrpet_dense.detectron2.hook import default_plan_hw
+    from lrpet_dense.detectron2 import default_plan_hw
 
     b = setup.budget
     work = os.path.join(setup.out, "runs", job.name)
@@ -449,7 +449,7 @@ def det_job(setup: Setup, job: Job) -> Dict[str, Any]:
         cfg = _det_cfg(setup, work, 1, setup.lr_det, 0)
         model, _ = load_model(cfg, dense_ckpt)
         config = LRPETConfig(target_macs_cut=job.cut, energy_transfer=False, bn_rectification=False)
-        plan = build_plan(model, pair_convs(model, config).layers, config, default_plan_hw(cfg))
+        plan = build_plan(model, pair_convs(model, config).layers, config, default_plan_hw(model, cfg))
         compress_model_(model, plan, project=True, config=config)
         return {"value": _det_eval(cfg, model), "macs": macs(model), "plan_cut": plan.reached_macs_cut}
     lrpet = (job.cut, max(b.det_finetune // b.projections, 1)) if job.method == "lrpet" else None

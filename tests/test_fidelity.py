@@ -17,6 +17,7 @@ pytestmark = pytest.mark.timeout(900)
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_fidelity_harness_tiny(tmp_path):
     out = tmp_path / "fid"
     proc = subprocess.run([sys.executable, "benchmarks/bench_fidelity.py", "--tiny", "--workers", "2", "--out", str(out)],

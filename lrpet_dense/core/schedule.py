@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from .config import LRPETConfig
-from .projection import ConvBN, LayerStats, project_
+from .distributed import project_
+from .projection import ConvBN, LayerStats
 from .rank import RankPlan
 
 __all__ = ["LRPETProjector", "ProjectionSummary", "ProjectionError"]

@@ -4,11 +4,11 @@
 # pycocotools, fvcore and this package (editable, with its dev extras).
 #
 # detectron2 is not on PyPI and mmcv 2.1.0 has no PyPI wheel for torch 2.14. They come from a
-# wheelhouse when one is found (LRPET_WHEELHOUSE, else the wheels/ folder of the workplace's
-# third_party folder: LRPET_THIRD_PARTY, or ../shared/third_party beside the checkout); otherwise they are built from source: detectron2 from
-# LRPET_DETECTRON2_SRC (a path, archive or git URL; default: the third_party source archive, else
-# the upstream repository) and mmcv from PyPI's sdist (slow: ~7 min
-# on 2 cores). Wheels only fit the torch they were built against, hence the torch pin below.
+# wheelhouse when one is found (LRPET_WHEELHOUSE, else the wheels/ folder of a third_party folder:
+# LRPET_THIRD_PARTY, or a workspace's third_party folder beside the checkout, tried below); otherwise
+# they are built from source: detectron2 from LRPET_DETECTRON2_SRC (a path, archive or git URL;
+# default: the third_party source archive, else the upstream repository) and mmcv from PyPI's sdist
+# (slow: ~7 min on 2 cores). Wheels only fit the torch they were built against, hence the torch pin below.
 #
 # Usage: bash scripts/setup_env.sh            (idempotent: a second run installs nothing new)
 set -euo pipefail
@@ -32,7 +32,8 @@ else
   pip_install --upgrade pip 'setuptools<81' wheel ninja
   pip_install "${TORCH_PINS[@]}"
 
-  # Where this workplace keeps the frameworks' wheels and sources (first one found).
+  # A third_party folder holding the frameworks' wheels and sources: LRPET_THIRD_PARTY, else the one a
+  # shared workspace may keep beside the checkout (first one found; none is fine).
   THIRD_PARTY=""
   for d in ${LRPET_THIRD_PARTY:-} "$ROOT/../shared/third_party"; do
     if [ -d "$d" ]; then THIRD_PARTY=$(cd "$d" && pwd); break; fi

@@ -66,7 +66,7 @@ def d2_toy_voc(tmp_path_factory) -> str:
     # One training image, listed twice: detectron2's VOC loader (np.loadtxt) needs >= 2 lines, and
     # every batch of 2 is then the same. detectron2's TrainingSampler restarts its index stream on
     # resume, so only a data stream that does not depend on the position lets a resumed run see
-    # the data the uninterrupted one saw (see lrpet_dense/detectron2/rng.py).
+    # the data the uninterrupted one saw (see lrpet_dense/detectron2/checkpoint.py).
     main = Path(devkit) / "VOC2007" / "ImageSets" / "Main"
     for split in ("train", "trainval"):
         image_id = (main / f"{split}.txt").read_text().split()[0]

@@ -96,7 +96,7 @@ def test_mmseg_train_tool_runs_a_shipped_config_found_by_the_path_call(seg_toy_d
 @pytest.mark.slow
 def test_own_mmseg_config_inherits_a_shipped_one(tmp_path, seg_toy_data):
     """mmengine's ``pkg::`` scope is for OpenMMLab packages only; a user's config inherits ours by path, here
-    through mmengine's environment-variable substitution, as README shows."""
+    through mmengine's environment-variable substitution, as docs/mmseg.md shows."""
     pytest.importorskip("mmseg")
     from unittest import mock
 

@@ -1,4 +1,4 @@
-"""The core's maths checked against its definitions (METHOD.md sections 2, 3, 5)."""
+"""The core's maths checked against its definitions (docs/method.md, sections 2 to 6)."""
 import subprocess
 import sys
 

@@ -12,7 +12,7 @@ a leading ``configs/`` is accepted, as in a checkout), and :func:`resolve` takes
 detectron2 configs (``.yaml``) are read by ``lrpet-dense train-det`` / ``tools/train_det.py``; mmseg
 configs (``.py``) by mmseg's own tools, given the path: ``python <mmseg>/tools/train.py "$(lrpet-dense
 config-path NAME)"``. An mmseg config of your own inherits one of ours by its path (mmengine's
-``pkg::`` scope is reserved to OpenMMLab packages; see README).
+``pkg::`` scope is reserved to OpenMMLab packages; see docs/mmseg.md).
 """
 from __future__ import annotations
 

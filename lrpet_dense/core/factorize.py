@@ -1,4 +1,4 @@
-"""Factorised convs for inference (METHOD.md section 5) and the model surgery that installs them.
+"""Factorised convs for inference (docs/method.md, section 6) and the model surgery that installs them.
 
 A rank-k conv ``W`` (``n x c x kh x kw``) becomes ``conv_a`` (``kh x kw``, ``c -> k``, same stride,
 padding, dilation, padding mode, no bias) followed by ``conv_b`` (``1 x 1``, ``k -> n``, the

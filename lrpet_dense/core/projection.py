@@ -1,4 +1,4 @@
-"""One LRPET projection: BN rectification, low-rank projection, energy transfer (METHOD.md section 3).
+"""One LRPET projection: BN rectification, low-rank projection, energy transfer (docs/method.md, section 3).
 
 The expensive part is the top-k subspace of each weight. Instead of a full SVD per layer we take
 the eigendecomposition of the smaller Gram matrix in float32 and then re-solve, in float64, the
@@ -271,7 +271,7 @@ def compute_projection(
 
 def lrpet_project(weight: Tensor, rank: int, *, bn_scale: Optional[Tensor] = None,
                   config: Optional[LRPETConfig] = None) -> Tensor:
-    """Project one conv/linear weight onto rank ``rank`` the LRPET way (METHOD.md section 3).
+    """Project one conv/linear weight onto rank ``rank`` the LRPET way (docs/method.md, section 3).
 
     Args:
         weight: ``(n, c, kh, kw)`` or ``(n, d)`` weight; not modified.

@@ -1,4 +1,4 @@
-"""Rank rule, layer selection and the rank plan (METHOD.md section 2).
+"""Rank rule, layer selection and the rank plan (docs/method.md, sections 2, 4 and 5).
 
 The plan is plain data (name -> rank, with the shapes and output sizes that justify it), so it can
 be logged, saved in a checkpoint (loadable with ``torch.load(..., weights_only=True)``) and replayed
@@ -105,7 +105,7 @@ class LayerPlan:
 
     @property
     def factorize(self) -> bool:
-        """Whether two thin convs cost fewer MACs than the dense one (METHOD.md section 5)."""
+        """Whether two thin convs cost fewer MACs than the dense one (docs/method.md, section 5)."""
         return factorization_saves(self.shape, self.rank)
 
     @property

@@ -59,7 +59,7 @@ def measure_latency(fn: Callable[[], object], repeats: int = 10, warmup: int = 2
 
 
 def singular_values(weight: torch.Tensor) -> List[float]:
-    """Singular values (descending) of a conv weight viewed as ``n x (c*kh*kw)`` (METHOD.md section 1)."""
+    """Singular values (descending) of a conv weight viewed as ``n x (c*kh*kw)`` (docs/method.md, section 1)."""
     w = weight.detach().reshape(weight.shape[0], -1).double().cpu()
     return torch.linalg.svdvals(w).tolist()
 

@@ -121,7 +121,7 @@ def render_markdown(data: Mapping[str, Any], figures: Optional[Mapping[str, str]
         metric = acc["metric"]
         lines += ["## Accuracy", "",
                   f"{metric} on `{acc.get('dataset', '?')}` ({acc.get('evaluator', '')}).", "",
-                  f"| model | {metric} |", "|---|---:|",
+                  f"| model | {metric}{' (toy set: a smoke check)' if acc.get('smoke_check') else ''} |", "|---|---:|",
                   f"| projected dense (trained) | {_num(acc.get('dense'))} |",
                   f"| factorised (compressed checkpoint) | {_num(acc.get('factorized'))} |"]
         if acc.get("chance") is not None:

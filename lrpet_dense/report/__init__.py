@@ -17,11 +17,12 @@ Use ``tools/report.py`` to measure and write a report for a detectron2 or mmseg 
 from .history import load_projection_history
 from .measure import (DEPLOY_FORM, TOY_SMOKE_CHECK, RunMeasurer, initial_weights_match, measure_latency_pair,
                       measure_run, singular_values, spectra_layers)
-from .timing import NOISE_RULE, SpeedUp, Timing, judge_speedup, time_interleaved
+from .timing import MAX_QUARTILE_RATIO, NOISE_RULE, SpeedUp, Timing, judge_speedup, time_interleaved
 from .write import REPORT_VERSION, render_markdown, write_report, write_summary
 
 __all__ = [
     "load_projection_history", "measure_latency_pair", "singular_values", "spectra_layers", "initial_weights_match",
     "RunMeasurer", "measure_run", "render_markdown", "write_report", "write_summary", "REPORT_VERSION",
     "DEPLOY_FORM", "TOY_SMOKE_CHECK", "Timing", "SpeedUp", "time_interleaved", "judge_speedup", "NOISE_RULE",
+    "MAX_QUARTILE_RATIO",
 ]

@@ -16,15 +16,24 @@ CPU times are kept per round, with their min, median and max.
 
 **The noise rule** (:func:`judge_speedup`). For rounds ``i = 1..n`` with dense wall time ``d_i`` and
 factorised wall time ``f_i`` (the same round), the per-round speed-up is ``r_i = d_i / f_i``; the
-speed-up is ``median(r_i)`` and its spread is ``[min(r_i), max(r_i)]``. The MACs ratio
-``MACs(dense) / MACs(factorised)`` of the same part bounds what removing MACs can buy: the two models
-run the same kernels (the report and the benchmark time both in the same form), so a factorised
-model faster than its MACs allow is measuring load or warm-up, not the rank. The speed-up is
-**reported as a result only when ``median(r_i) <= MACs ratio``**. Otherwise it is flagged as noisy
-(:attr:`SpeedUp.noisy`), and whoever shows it prints that the timing was too noisy, with the spread,
-instead of a speed-up (:meth:`SpeedUp.text`). The reason names which case it was: the whole spread
-above the MACs ratio (``min(r_i) > MACs ratio``: every round says so), or only the median. A speed-up
-below 1 (the factorised model slower) is a result like any other.
+speed-up is ``median(r_i)``, its spread ``[min(r_i), max(r_i)]`` and its quartiles ``q1 <= q3``
+(``statistics.quantiles(r, n=4, method="inclusive")``). The speed-up is **reported as a result only
+when both hold**:
+
+1. ``median(r_i) <= MACs ratio`` (``MACs(dense) / MACs(factorised)`` of the same part). The MACs
+   ratio bounds what removing MACs can buy: the two models run the same kernels (the report and the
+   benchmark time both in the same form), so a factorised model faster than its MACs allow is
+   measuring load or warm-up, not the rank.
+2. ``q3 / q1 <= MAX_QUARTILE_RATIO`` (1.25) when ``n >= 4``: the middle half of the rounds agree to
+   within 25%. On a quiet machine the rounds agree to a few percent; when other jobs take the cores
+   (and OpenMP threads wait for each other), they differ by several times, and their median is
+   chance. One disturbed round does not move the quartiles much, so it does not flag a run.
+
+Otherwise the speed-up is flagged as noisy (:attr:`SpeedUp.noisy`): whoever shows it prints that the
+timing was too noisy, with the spread, instead of a speed-up (:meth:`SpeedUp.text`). The reason names
+which case it was: the whole spread above the MACs ratio (``min(r_i) > MACs ratio``: every round says
+so), the median only, or rounds that disagree. A speed-up below 1 (the factorised model slower) is a
+result like any other.
 
 Example:
     >>> from lrpet_dense.report.timing import judge_speedup
@@ -45,12 +54,15 @@ from typing import Callable, ContextManager, Dict, Mapping, Optional, Sequence, 
 
 import torch
 
-__all__ = ["Timing", "SpeedUp", "time_interleaved", "judge_speedup", "NOISE_RULE"]
+__all__ = ["Timing", "SpeedUp", "time_interleaved", "judge_speedup", "NOISE_RULE", "MAX_QUARTILE_RATIO"]
+
+#: The most the upper quartile of the per-round speed-ups may exceed the lower one by (noise rule 2).
+MAX_QUARTILE_RATIO = 1.25
 
 #: One line naming the rule, for reports and benchmark output.
 NOISE_RULE = ("speed-up = median over the timed rounds of (dense time / factorised time) of the same round; "
-              "a speed-up above the MACs ratio is not a result (the timing was too noisy): the rounds' spread "
-              "is shown instead")
+              "it is not a result (the timing was too noisy, the rounds' spread is shown instead) when it is above "
+              f"the MACs ratio or when the middle half of the rounds differ by more than {MAX_QUARTILE_RATIO - 1:.0%}")
 
 
 @dataclass(frozen=True)
@@ -175,39 +187,45 @@ class SpeedUp:
         value: median over the rounds of dense time / factorised time of the same round.
         low: the smallest per-round speed-up.
         high: the largest per-round speed-up.
+        q1: the lower quartile of the per-round speed-ups.
+        q3: the upper quartile.
         macs_ratio: MACs(dense) / MACs(factorised) of the same part.
         rounds: how many rounds the speed-up comes from.
-        noisy: True when ``value`` is above ``macs_ratio``: not a result.
+        noisy: True when the noise rule refuses it as a result.
         reason: why it is noisy ("" when it is not).
     """
 
     value: float
     low: float
     high: float
+    q1: float
+    q3: float
     macs_ratio: float
     rounds: int
     noisy: bool
     reason: str = ""
 
     def text(self) -> str:
-        """``"1.21x (rounds 1.15-1.30x)"``, or for a noisy one ``"too noisy (rounds 1.9-2.6x > MACs 1.28x)"``."""
+        """``"1.21x (rounds 1.15-1.30x)"``, or for a noisy one ``"too noisy (rounds 1.90-2.60x; MACs ratio 1.28x)"``."""
         spread = f"rounds {self.low:.2f}-{self.high:.2f}x"
         if self.noisy:
-            return f"too noisy ({spread}, above MACs ratio {self.macs_ratio:.2f}x)"
+            return f"too noisy ({spread}; MACs ratio {self.macs_ratio:.2f}x)"
         return f"{self.value:.2f}x ({spread})"
 
     def to_dict(self) -> Dict[str, object]:
-        return {"value": self.value, "low": self.low, "high": self.high, "macs_ratio": self.macs_ratio,
-                "rounds": self.rounds, "noisy": self.noisy, "reason": self.reason, "rule": NOISE_RULE}
+        return {"value": self.value, "low": self.low, "high": self.high, "q1": self.q1, "q3": self.q3,
+                "macs_ratio": self.macs_ratio, "rounds": self.rounds, "noisy": self.noisy, "reason": self.reason,
+                "rule": NOISE_RULE}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> "SpeedUp":
         """The inverse of :meth:`to_dict` (the ``rule`` entry is informative only)."""
         try:
-            return cls(float(data["value"]), float(data["low"]), float(data["high"]), float(data["macs_ratio"]),
-                       int(data["rounds"]), bool(data["noisy"]), str(data.get("reason", "")))
+            return cls(float(data["value"]), float(data["low"]), float(data["high"]), float(data["q1"]),
+                       float(data["q3"]), float(data["macs_ratio"]), int(data["rounds"]), bool(data["noisy"]),
+                       str(data.get("reason", "")))
         except KeyError as e:
-            raise ValueError(f"a judged speed-up needs value, low, high, macs_ratio, rounds and noisy; "
+            raise ValueError(f"a judged speed-up needs value, low, high, q1, q3, macs_ratio, rounds and noisy; "
                              f"missing {e.args[0]!r} in {dict(data)}") from None
 
 
@@ -225,7 +243,7 @@ def judge_speedup(dense: Union[Timing, Sequence[float]], factorized: Union[Timin
         macs_ratio: MACs(dense) / MACs(factorised) of the same part (> 0).
 
     Returns:
-        The :class:`SpeedUp` (``noisy`` when its median is above ``macs_ratio``).
+        The :class:`SpeedUp` (``noisy`` when the noise rule refuses it).
 
     Raises:
         ValueError: no rounds, different round counts, a time or the MACs ratio not positive and finite.
@@ -243,11 +261,17 @@ def judge_speedup(dense: Union[Timing, Sequence[float]], factorized: Union[Timin
         raise ValueError(f"macs_ratio must be a positive finite number, got {macs_ratio!r}")
     ratios = [a / b for a, b in zip(d, f)]
     value, low, high = statistics.median(ratios), min(ratios), max(ratios)
+    q1, q3 = statistics.quantiles(ratios, n=4, method="inclusive")[::2] if len(ratios) > 1 else (value, value)
+    n = len(ratios)
     reason = ""
     if low > macs_ratio:
-        reason = (f"every one of the {len(ratios)} rounds measured a speed-up above the MACs ratio {macs_ratio:.2f}x "
+        reason = (f"every one of the {n} rounds measured a speed-up above the MACs ratio {macs_ratio:.2f}x "
                   f"({low:.2f}-{high:.2f}x): the timings measured load or warm-up, not the removed MACs")
     elif value > macs_ratio:
-        reason = (f"the median speed-up {value:.2f}x over {len(ratios)} rounds is above the MACs ratio "
+        reason = (f"the median speed-up {value:.2f}x over {n} rounds is above the MACs ratio "
                   f"{macs_ratio:.2f}x (rounds {low:.2f}-{high:.2f}x): the timings are too noisy to tell")
-    return SpeedUp(value, low, high, float(macs_ratio), len(ratios), bool(reason), reason)
+    elif n >= 4 and q3 > MAX_QUARTILE_RATIO * q1:
+        reason = (f"the rounds disagree: the middle half of the {n} rounds' speed-ups spans {q1:.2f}-{q3:.2f}x "
+                  f"(more than {MAX_QUARTILE_RATIO - 1:.0%} apart; all rounds {low:.2f}-{high:.2f}x), so their "
+                  f"median {value:.2f}x is chance")
+    return SpeedUp(value, low, high, q1, q3, float(macs_ratio), n, bool(reason), reason)

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from lrpet_dense.core.macs import full_rank
 
-from .timing import SpeedUp
+from .timing import MAX_QUARTILE_RATIO, SpeedUp
 
 __all__ = ["REPORT_VERSION", "write_report", "render_markdown", "write_summary"]
 
@@ -76,8 +76,9 @@ def _latency_section(lat: Mapping[str, Any], dense: Mapping[str, Any], fact: Map
              + f". {lat['warmup']} warm-up call(s) each, then {lat['rounds']} rounds that each run the dense and the "
              "factorised model once, in turn (the order alternating). Times: median (min-max) over the rounds. "
              "Speed-up: the median over the rounds of dense time / factorised time of the same round (min-max). "
-             "A speed-up above the MACs ratio is not a result: the row says the timing was too noisy and shows the "
-             "rounds' spread instead.", "",
+             "A speed-up above the MACs ratio, or one whose rounds disagree (the middle half more than "
+             f"{MAX_QUARTILE_RATIO - 1:.0%} apart), is not a result: the row says the timing was too noisy and shows "
+             "the rounds' spread instead.", "",
              "| part | dense ms | factorised ms | speed-up (rounds min-max) | MACs ratio |", "|---|---:|---:|---:|---:|"]
     noisy = []
     for part in ("backbone", "model"):
@@ -90,8 +91,9 @@ def _latency_section(lat: Mapping[str, Any], dense: Mapping[str, Any], fact: Map
         if s.noisy:
             noisy.append(f"{name}: {s.reason}.")
     if noisy:
-        lines += ["", "**The timing was too noisy** (measure again on an idle machine; more rounds with `--repeats`):",
-                  ""] + [f"- {n}" for n in noisy]
+        lines += ["", "**The timing was too noisy** (measure again on an idle machine, with more rounds (`--repeats`) "
+                  "or one thread (`--threads 1`), which other jobs on the machine disturb less):", ""] + [
+                      f"- {n}" for n in noisy]
     if lat.get("note"):
         lines += ["", lat["note"]]
     lines.append("")

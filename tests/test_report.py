@@ -265,7 +265,8 @@ class _TinyRun(RunMeasurer):
     plan_from_checkpoint = staticmethod(lambda ckpt: ckpt["plan"])
 
     @classmethod
-    def to_inference(cls, model):
+    def to_inference(cls, model, check_hw):
+        assert check_hw == (8, 8)  # the input size, smaller than the default check size
         cls.events.append(("deploy", model))
         model.deployed = True
         return model

@@ -127,8 +127,10 @@ class RunMeasurer:
     load_model: Callable = None
     #: The adapter's ``plan_from_checkpoint(checkpoint) -> RankPlan or None``.
     plan_from_checkpoint: Callable = None
-    #: The adapter's ``to_inference_(model) -> model``: the deploy form, checked, in place.
+    #: The adapter's ``to_inference_(model, check_hw=...) -> model``: the deploy form, checked, in place.
     to_inference: Callable = None
+    #: The adapter's default ``check_hw`` of ``to_inference_``; the report checks at its input size when smaller.
+    check_hw: Tuple[int, int] = (64, 64)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -141,9 +143,11 @@ class RunMeasurer:
         """The rank plan a checkpoint carries, or None."""
         return type(self).plan_from_checkpoint(checkpoint)
 
-    def deploy_copy(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` in the deploy form (the latency is timed on it; ``model`` is left as it is)."""
-        return type(self).to_inference(copy.deepcopy(model))
+    def deploy_copy(self, model: nn.Module, hw: Tuple[int, int]) -> nn.Module:
+        """A copy of ``model`` in the deploy form (the latency is timed on it; ``model`` is left as it is),
+        checked on an input of ``hw`` or of :attr:`check_hw` where that is smaller."""
+        check = tuple(min(a, b) for a, b in zip(hw, self.check_hw))
+        return type(self).to_inference(copy.deepcopy(model), check_hw=check)
 
     def title(self) -> str:
         raise NotImplementedError
@@ -207,7 +211,7 @@ def measure_run(m: RunMeasurer, checkpoint: str, compressed: str, *, run_dir: Op
     comp = data["complexity"]
     logger.info("report: timing the dense and the factorised model in the deploy form (%d warm-up calls, %d "
                 "interleaved rounds)", latency_warmup, latency_repeats)
-    dense_dep, fact_dep = m.deploy_copy(dense), m.deploy_copy(fact)
+    dense_dep, fact_dep = m.deploy_copy(dense, hw), m.deploy_copy(fact, hw)
     fd, ff = m.forwards(dense_dep, hw), m.forwards(fact_dep, hw)
     macs_ratios = {part: comp["dense"][part]["macs"] / comp["factorized"][part]["macs"] for part in fd}
     data["latency"] = dict(measure_latency_pair(fd, ff, macs_ratios, rounds=latency_repeats, warmup=latency_warmup,

@@ -91,9 +91,9 @@ def _latency_section(lat: Mapping[str, Any], dense: Mapping[str, Any], fact: Map
         if s.noisy:
             noisy.append(f"{name}: {s.reason}.")
     if noisy:
-        lines += ["", "**The timing was too noisy** (measure again on an idle machine, with more rounds (`--repeats`) "
-                  "or one thread (`--threads 1`), which other jobs on the machine disturb less):", ""] + [
-                      f"- {n}" for n in noisy]
+        hint = "" if lat["threads"] == 1 else " or one thread (`--threads 1`), which other jobs on the machine disturb less"
+        lines += ["", f"**The timing was too noisy** (measure again on an idle machine, with more rounds (`--repeats`)"
+                  f"{hint}):", ""] + [f"- {n}" for n in noisy]
     if lat.get("note"):
         lines += ["", lat["note"]]
     lines.append("")

@@ -329,6 +329,11 @@ def test_measure_run_times_deploy_copies_and_marks_the_toy_set(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert f"The acc above is {acc['smoke_check']}." in md
     assert "toy-set smoke check" in write_summary([str(tmp_path / "rep")], str(tmp_path / "s.md"))
+    for bad in (dict(latency_repeats=0), dict(latency_warmup=-1)):
+        _TinyRun.events = []
+        with pytest.raises(ValueError, match="latency_"):
+            measure_run(_TinyRun(None), "dense.pth", "fact.pth", **bad)
+        assert _TinyRun.events == []  # refused before anything ran
     # another dataset: no such note
     os.remove(os.path.join(devkit, MARKER))
     data = measure_run(_TinyRun(os.path.join(devkit, "VOC2012")), "dense.pth", "fact.pth", run_dir=str(tmp_path),

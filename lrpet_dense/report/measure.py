@@ -49,7 +49,6 @@ def initial_weights_match(initial: Mapping[str, torch.Tensor], final: Mapping[st
     return all(torch.equal(initial[k].detach().cpu(), final[k].detach().cpu()) for k in keys)
 
 
-
 #: What the report says next to an accuracy measured on the generated toy set.
 TOY_SMOKE_CHECK = ("a smoke check, not a quality measure: measured on the generated toy set ({test} test images of "
                    "{size} px), it moves by several points with float32 rounding, which differs between CPUs; far "
@@ -185,9 +184,12 @@ def measure_run(m: RunMeasurer, checkpoint: str, compressed: str, *, run_dir: Op
     (:func:`measure_latency_pair`: ``latency_repeats`` rounds after ``latency_warmup`` warm-up calls).
 
     Raises:
-        ValueError: a checkpoint carries no LRPET plan, the two plans differ, or the compressed
-            checkpoint did not load as a factorised model.
+        ValueError: ``latency_repeats`` < 1 or ``latency_warmup`` < 0, a checkpoint carries no LRPET
+            plan, the two plans differ, or the compressed checkpoint did not load as a factorised model.
     """
+    for name, value, low in (("latency_repeats", latency_repeats, 1), ("latency_warmup", latency_warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:  # before anything is loaded
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     run_dir = run_dir or os.path.dirname(os.path.abspath(checkpoint))
     dense, ckpt = m.load(checkpoint, True)
     fact, cckpt = m.load(compressed, False)

@@ -25,9 +25,11 @@ when both hold**:
    benchmark time both in the same form), so a factorised model faster than its MACs allow is
    measuring load or warm-up, not the rank.
 2. ``q3 / q1 <= MAX_QUARTILE_RATIO`` (1.25) when ``n >= 4``: the middle half of the rounds agree to
-   within 25%. On a quiet machine the rounds agree to a few percent; when other jobs take the cores
-   (and OpenMP threads wait for each other), they differ by several times, and their median is
-   chance. One disturbed round does not move the quartiles much, so it does not flag a run.
+   within 25%. With one thread the rounds of a whole model agreed to about 10% on the project's
+   2-core machine even with other jobs running; with two threads and other jobs taking a core,
+   OpenMP's threads wait for each other and the rounds differed by several times (0.34-2.03x in one
+   report there), so that their median is chance. One disturbed round does not move the quartiles
+   much, so it does not flag a run.
 
 Otherwise the speed-up is flagged as noisy (:attr:`SpeedUp.noisy`): whoever shows it prints that the
 timing was too noisy, with the spread, instead of a speed-up (:meth:`SpeedUp.text`). The reason names

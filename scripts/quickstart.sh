@@ -26,7 +26,7 @@ end() {
   STEP_TIMES+=("$step_name ${took}s"); log "$step_name: done in ${took}s"
 }
 load() { cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo "?"; }
-log "CPU: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores, \
+log "CPU: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//'), $(nproc --all) cores, \
 load average $(load) (other jobs on the machine slow every step)"
 # Run a step with its full output in a log file, showing only the lines that matter live (the
 # frameworks' per-N-iteration loggers, projections, evaluation); on failure show the log's tail.
@@ -53,8 +53,8 @@ run "$OUT/det_compress.log" "^factorised|^backbone |^model " \
   --output "$OUT/det/model_compressed.pth"
 end
 
-MMSEG_TRAIN=$("$PY" -c "import mmseg, os; print(os.path.join(os.path.dirname(mmseg.__file__), '.mim', 'tools', 'train.py'))")
 begin seg-train "mmseg: training PSPNet R50-D8 with LRPETHook from random init (mmseg's own tools/train.py, $SEG_CFG)"
+MMSEG_TRAIN=$("$PY" -c "import mmseg, os; print(os.path.join(os.path.dirname(mmseg.__file__), '.mim', 'tools', 'train.py'))")
 run "$OUT/seg_train.log" "Iter\(train\)|LRPET projection|Iter\(val\).*mIoU" \
   "$PY" "$MMSEG_TRAIN" "$SEG_CFG" --work-dir "$OUT/seg"
 SEG_CKPT=$(cat "$OUT/seg/last_checkpoint")

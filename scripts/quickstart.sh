@@ -4,7 +4,10 @@
 # same entry points a real user uses, compress both into factorised checkpoints, measure them and
 # print one report (accuracy vs chance, params/MACs, CPU latency in the deploy form, rank plan, figures).
 # The log gives each step's elapsed time and, at the start, the CPU and the load average (other jobs
-# on a shared machine slow every step down).
+# on a shared machine slow every step down). The reports time the models on one thread: on a small
+# machine shared with other jobs, two threads' timings differ by several times from round to round
+# (OpenMP's threads wait for each other while another job holds a core) and the report would only
+# say that the timing was too noisy; one thread's agree to about 10%.
 # Output: output/quickstart/ (dataset, runs, compressed checkpoints, logs, det/report, seg/report,
 # report.md). Environment: LRPET_QUICKSTART_OUT (output folder), PYTHON (interpreter).
 set -euo pipefail
@@ -67,11 +70,12 @@ end
 begin det-report "report: detectron2 model (accuracy vs chance, params/MACs, CPU latency in the deploy form, spectra)"
 run "$OUT/det_report.log" "^report written|Evaluation results|copypaste: [0-9]|latency:" \
   "${CLI[@]}" report det --config "$DET_CFG" --checkpoint "$OUT/det/model_final.pth" \
-  --compressed "$OUT/det/model_compressed.pth" --out "$OUT/det/report" --quiet
+  --compressed "$OUT/det/model_compressed.pth" --out "$OUT/det/report" --threads 1 --quiet
 end
 begin seg-report "report: mmseg model"
 run "$OUT/seg_report.log" "^report written|mIoU:|latency:" \
-  "${CLI[@]}" report seg "$SEG_CFG" "$SEG_CKPT" "$OUT/seg/model_compressed.pth" --out "$OUT/seg/report" --quiet
+  "${CLI[@]}" report seg "$SEG_CFG" "$SEG_CKPT" "$OUT/seg/model_compressed.pth" --out "$OUT/seg/report" --threads 1 \
+  --quiet
 "${CLI[@]}" report summary "$OUT/det/report" "$OUT/seg/report" --out "$OUT/report.md" > /dev/null
 end
 

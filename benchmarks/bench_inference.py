@@ -18,11 +18,15 @@ with CUDA events):
 MACs come from the frameworks' own counters (detectron2 ``FlopCountAnalysis``, mmengine
 ``get_model_complexity_info``); "cut" is the fraction of the dense backbone's MACs removed.
 
-Timing is made robust against a shared machine: warm-up calls, then ``--repeat`` rounds in which
-every variant (dense and each factorised model) runs once, in turn, so that background load hits
-all of them alike; the table gives the median wall time, and the speed-up is also given from the
-minimum wall time and from the process CPU time (which a busy machine inflates far less; with
-``--threads 1`` it is the idle latency). Run it on an idle machine for figures to publish.
+Timing is made robust against a shared machine by the timing utility the report uses too
+(:mod:`lrpet_dense.report.timing`): ``--warmup`` calls of each variant (oneDNN creates its
+primitives on the first), then ``--repeat`` rounds in which every variant (dense and each factorised
+model) runs once, in turn, so that background load hits all of them alike. The table gives the
+median wall time; the speed-up is the median over the rounds of the same round's dense / factorised
+time, with the rounds' spread; a speed-up above the MACs ratio is printed as "noisy", not as a
+result (the noise rule). It is also given from the minimum wall times, and in the JSON from the
+process CPU time (which a busy machine inflates far less; with ``--threads 1`` it is the idle
+latency). Run it on an idle machine for figures to publish.
 
     python benchmarks/bench_inference.py [--models det seg] [--cuts 0.3 0.5 | --ratios 0.43 0.6]
         [--latency-cuts 0.3] [--rank-multiple 1 16] [--size 512] [--threads 1 2] [--repeat 10] [--no-deploy]
@@ -53,6 +57,8 @@ from lrpet_dense.core import project_  # noqa: E402
 from lrpet_dense.core.macs import conv_macs  # noqa: E402
 from lrpet_dense.core.factorize import PointwiseConv2d  # noqa: E402
 from lrpet_dense.configs import config_path  # noqa: E402
+from lrpet_dense.report.timing import NOISE_RULE, Timing, judge_speedup  # noqa: E402
+from lrpet_dense.report.timing import time_interleaved as _time_interleaved  # noqa: E402
 
 DET_CFG = config_path("faster_rcnn_lrpet.yaml")
 SEG_CFG = config_path("pspnet_r50-d8_lrpet_voc12aug-512x512.py")
@@ -210,41 +216,15 @@ class SegBundle(_Bundle):
 # Timing
 # ------------------------------------------------------------------------------------------------
 def time_interleaved(fns: Dict[str, Callable[[], object]], repeat: int, warmup: int,
-                     cuda: bool = False, fp16: bool = False) -> Dict[str, Dict[str, float]]:
-    """Median/min wall time and median process CPU time of each callable, in interleaved rounds.
+                     cuda: bool = False, fp16: bool = False) -> Dict[str, Timing]:
+    """Each callable's wall and process CPU times in interleaved rounds: the library's timing utility
+    (:func:`lrpet_dense.report.timing.time_interleaved`, which the report uses too).
 
     On CUDA the wall time is the CUDA events' elapsed time of each call (queued work included);
     ``fp16`` runs under ``torch.autocast(float16)``.
     """
-    import contextlib
-
-    wall = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    amp = torch.autocast("cuda", dtype=torch.float16) if fp16 else contextlib.nullcontext()
-    with torch.inference_mode(), amp:
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        for r in range(repeat):
-            keys = list(fns) if r % 2 == 0 else list(fns)[::-1]  # alternate the order, too
-            for k in keys:
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    torch.cuda.synchronize()
-                    c0 = time.process_time()
-                    start.record()
-                    fns[k]()
-                    end.record()
-                    torch.cuda.synchronize()
-                    wall[k].append(start.elapsed_time(end) / 1e3)
-                    cpu[k].append(time.process_time() - c0)
-                    continue
-                c0, t0 = time.process_time(), time.perf_counter()
-                fns[k]()
-                wall[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
-    return {k: {"wall_median_s": statistics.median(wall[k]), "wall_min_s": min(wall[k]),
-                "cpu_median_s": statistics.median(cpu[k]), "wall_all_s": wall[k]} for k in fns}
+    context = (lambda: torch.autocast("cuda", dtype=torch.float16)) if fp16 else None
+    return _time_interleaved(fns, repeat, warmup, cuda=cuda, context=context)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,9 +453,12 @@ def _inductor_rows(bundle, variants, threads, args, log, dense_counts) -> List[d
             for i, v in enumerate(variants)]
 
 
-def _row(bundle, part, v, threads, d, f, dense_counts, args, runtime):
+def _row(bundle, part, v, threads, d: Timing, f: Timing, dense_counts, args, runtime, macs_factorised=None):
+    """One table row: the speed-up judged by the noise rule against the MACs ratio of what ran
+    (``macs_factorised``: the exported file's MACs when its ranks were padded; default the plan's)."""
     macs_ratio = dense_counts[part] / v["counts"][part]
-    speedup = d["wall_median_s"] / f["wall_median_s"]
+    judged = judge_speedup(d, f, dense_counts[part] / (macs_factorised or v["counts"][part]))
+    speedup = judged.value
     return {
         "model": bundle.name, "part": part, "runtime": runtime, "variant": v["label"] or "factorised",
         "threads": threads, "device": args.device, "fp16": args.fp16, "deploy": args.deploy,
@@ -483,13 +466,13 @@ def _row(bundle, part, v, threads, d, f, dense_counts, args, runtime):
         "ratio_p": v["ratio"], "plan_cut": v["plan_cut"], "predicted_latency_cut": v["predicted_latency_cut"],
         "backbone_macs_cut": 1 - v["counts"]["backbone"] / dense_counts["backbone"],
         "macs_dense": dense_counts[part], "macs_factorised": v["counts"][part], "macs_ratio": macs_ratio,
-        "dense_ms": d["wall_median_s"] * 1e3, "factorised_ms": f["wall_median_s"] * 1e3,
-        "speedup": speedup, "speedup_over_macs_ratio": speedup / macs_ratio,
+        "dense_ms": d.median_ms, "factorised_ms": f.median_ms,
+        "speedup": speedup, "speedup_low": judged.low, "speedup_high": judged.high, "noisy": judged.noisy,
+        "noise_reason": judged.reason, "speedup_over_macs_ratio": speedup / macs_ratio,
         "measured_latency_cut": 1 - 1 / speedup,
-        "speedup_min": d["wall_min_s"] / f["wall_min_s"],
-        "speedup_cpu": d["cpu_median_s"] / f["cpu_median_s"] if f.get("cpu_median_s") else float("nan"),
-        "dense_wall_all_ms": [t * 1e3 for t in d.get("wall_all_s", [])],
-        "factorised_wall_all_ms": [t * 1e3 for t in f.get("wall_all_s", [])],
+        "speedup_min": d.min_ms / f.min_ms,
+        "speedup_cpu": d.cpu_median_ms / f.cpu_median_ms if f.cpu_median_ms > 0 else float("nan"),
+        "dense_wall_all_ms": list(d.wall_ms), "factorised_wall_all_ms": list(f.wall_ms),
     }
 
 
@@ -550,9 +533,10 @@ def _ort_rows(bundle, variants, threads, args, log, dense_counts) -> List[dict]:
         for align in args.align_ranks:
             runtime = "onnxruntime" if align == 1 else f"onnxruntime pad{align}"
             for i, v in enumerate(variants):
-                row = _row(bundle, part, v, threads, times["dense"], times[align, i], dense_counts, args, runtime=runtime)
                 if (align, i) not in exported_macs:  # what the file computes: the plan's MACs plus padded zeros
                     exported_macs[align, i] = _aligned_counts(bundle, v, align)
+                row = _row(bundle, part, v, threads, times["dense"], times[align, i], dense_counts, args,
+                           runtime=runtime, macs_factorised=exported_macs[align, i][part])
                 row.update(align_ranks=align, macs_factorised_exported=exported_macs[align, i][part])
                 rows.append(row)
         log(f"  timed {bundle.name}/{part} in ONNX Runtime with {threads} thread(s), {len(fns)} files interleaved")
@@ -560,15 +544,20 @@ def _ort_rows(bundle, variants, threads, args, log, dense_counts) -> List[dict]:
 
 
 def format_table(rows: List[dict]) -> str:
+    """The rows as text; a speed-up the noise rule refuses (above the MACs ratio) reads "noisy", with the
+    rounds' spread next to it."""
     head = ("model", "part", "runtime", "variant", "thr", "p", "bb MACs cut", "pred. lat. cut", "MACs ratio",
-            "dense ms", "fact ms", "speed-up", "/MACs ratio", "s-up (min)")
+            "dense ms", "fact ms", "speed-up", "rounds", "/MACs ratio", "s-up (min)")
     lines = []
     for r in rows:
         pred = r["predicted_latency_cut"]
+        noisy = r.get("noisy", False)
         lines.append((r["model"], r["part"], r["runtime"], r["variant"], str(r["threads"]), f"{r['ratio_p']:.4g}",
                       f"{r['backbone_macs_cut']:.1%}", "-" if pred is None else f"{pred:.1%}",
                       f"{r['macs_ratio']:.2f}x", f"{r['dense_ms']:.1f}", f"{r['factorised_ms']:.1f}",
-                      f"{r['speedup']:.2f}x", f"{r['speedup_over_macs_ratio']:.2f}", f"{r['speedup_min']:.2f}x"))
+                      "noisy" if noisy else f"{r['speedup']:.2f}x", f"{r['speedup_low']:.2f}-{r['speedup_high']:.2f}x",
+                      "-" if noisy else f"{r['speedup_over_macs_ratio']:.2f}",
+                      "-" if noisy else f"{r['speedup_min']:.2f}x"))
     return text_table(head, lines)
 
 
@@ -584,7 +573,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="torch intra-op thread counts to time with (default: torch's default)")
     p.add_argument("--repeat", type=int, default=10, help="timed rounds (each runs every variant once)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls of each variant before the rounds")
     p.add_argument("--channels-last", action="store_true", help="run all models in channels_last memory format")
     p.add_argument("--no-deploy", dest="deploy", action="store_false",
                    help="time the models as trained instead of in the deploy path's inference form (BatchNorm folded "
@@ -667,9 +656,14 @@ def main(argv=None) -> dict:
     log(format_table(rows))
     for u in unreached:
         log(f"{u['model']} {u['target']}: not reachable here: {u['reason']}")
-    log("speed-up = median dense wall time / median factorised wall time; '/MACs ratio' = speed-up / MACs ratio "
-        "(goal: >= 0.9 for the backbone, >= 0.85 for the whole model); s-up (min): from the minimum wall times; "
-        "s-up (CPU): from process CPU time.")
+    log(f"{NOISE_RULE} ('noisy'; rounds: the smallest and largest per-round speed-up; ONNX Runtime padN rows: "
+        "against the MACs ratio of the padded file). '/MACs ratio' = speed-up / MACs ratio (goal: >= 0.9 for the "
+        "backbone, >= 0.85 for the whole model); s-up (min): from the minimum wall times; JSON speedup_cpu: from "
+        "process CPU time.")
+    for r in rows:
+        if r.get("noisy"):
+            log(f"noisy: {r['model']}/{r['part']} {r['runtime']} {r['variant']} ({r['threads']} thread(s)): "
+                f"{r['noise_reason']}")
     if args.onnx and any(a > 1 for a in args.align_ranks):
         log("onnxruntime padN: factorised ranks zero-padded to multiples of N in the exported files, as `lrpet-dense "
             "export` writes them (exact; default N=16); the MACs ratio is the plan's (the padded MACs: "

@@ -1,6 +1,7 @@
 """Model surgery and compressed loading in the core: every reference replaced or a loud error, atomic
 undo, the plan carried with the weights into any model type, and outputs checked in float64."""
 import collections
+import copy
 import functools
 
 import pytest
@@ -175,3 +176,30 @@ def test_rank_excess_and_output_check():
             compare_outputs({"out": ref}, {"out": fact(x)})
     with pytest.raises(OutputMismatchError, match="other outputs"):
         compare_outputs({"a": ref}, {"b": ref})
+
+
+def test_checked_factorisation_takes_the_checked_copy_s_factors(monkeypatch):
+    """factorize_checked_ computes each conv's SVD once (on the copy it checks) and gives the model
+    exactly those factors, every reference replaced as by factorize_."""
+    from lrpet_dense.core.verify import factorize_checked_
+
+    torch.manual_seed(0)
+    net = _FPNLike().eval()
+    ranks = {"lateral2": 3, "lateral3": 3, "output": 4}
+    _low_rank_(net, ranks)
+    direct = factorize_module.FactorizedConv2d.from_conv
+    calls = []
+    monkeypatch.setattr(factorize_module.FactorizedConv2d, "from_conv",
+                        classmethod(lambda cls, conv, rank: calls.append(rank) or direct(conv, rank)))
+    x = torch.randn(2, 8, 9, 9)
+    reference = copy.deepcopy(net)
+    assert sorted(factorize_checked_(net, ranks, lambda m: m(x.to(next(m.parameters()).dtype)))) == sorted(ranks)
+    assert sorted(calls) == [3, 3, 4]  # once per conv, not once more for the model itself
+    factorize_(reference, ranks)
+    for name in ranks:
+        got, want = net.get_submodule(name), reference.get_submodule(name)
+        assert isinstance(got, FactorizedConv2d)
+        for key, value in want.state_dict().items():
+            assert torch.equal(got.state_dict()[key], value), (name, key)
+    assert net.laterals == [net.get_submodule("lateral3"), net.get_submodule("lateral2")]
+    assert net.__dict__["hidden"] is net.get_submodule("output") and model_plan(net) is not None

@@ -15,7 +15,9 @@ loaders, counters and evaluators::
     lrpet-dense report summary output/report work_dirs/x/report --out summary.md
 
 The report holds: params and MACs (dense vs factorised; backbone and whole model), the rank plan,
-CPU latency (median of ``--repeats`` runs, ``--threads`` threads), accuracy of the projected dense
+CPU latency of both models in the deploy form (``to_inference_``: BatchNorm folded, channels_last;
+``--repeats`` interleaved rounds after ``--warmup`` calls, ``--threads`` threads; a speed-up above
+the MACs ratio is reported as noise, not as a result), accuracy of the projected dense
 and of the factorised model with a chance level from the same evaluator (``--no-eval`` skips it),
 and figures: singular-value spectra before/after training (``--initial`` checkpoint, or the
 model rebuilt from the config and its seed), rank per layer, energy kept and relative weight change
@@ -41,8 +43,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="input size for MACs and latency (default: the config's test size / crop size)")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per latency (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="timed rounds, each running the dense and the factorised model once (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls of each model before the rounds")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the latency (default: torch's)")
     p.add_argument("--num-spectra", type=int, default=4, help="layers in the spectra figure")
     p.add_argument("--quiet", action="store_true", help="do not print the Markdown report")

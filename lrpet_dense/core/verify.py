@@ -138,23 +138,40 @@ def factorize_checked_(model: nn.Module, plan: RankPlan, outputs: Callable[[nn.M
                          "checkpoint, or saved before the final projection). Factorising them would change the "
                          "model's outputs; to project them first (a one-shot truncation), pass --project "
                          "(project=True)")
-    return transform_checked_(model, lambda m: factorize_(m, plan), outputs, rtol=rtol, what=what)
+
+    def adopt(m: nn.Module, rehearsal: nn.Module) -> List[str]:
+        # the checked copy's factors, not a second SVD of every conv: the same structure, uninitialised,
+        # then the rehearsal's weights (what was checked, bit for bit)
+        names = factorize_(m, plan, from_weights=False)
+        with torch.no_grad():
+            for name in names:
+                m.get_submodule(name).load_state_dict(rehearsal.get_submodule(name).state_dict())
+        return names
+
+    return transform_checked_(model, lambda m: factorize_(m, plan), outputs, rtol=rtol, what=what, apply=adopt)
 
 
 def transform_checked_(model: nn.Module, transform: Callable[[nn.Module], Any], outputs: Callable[[nn.Module], Any],
-                       *, rtol: float = 1e-4, what: str = "the transformed model") -> Any:
+                       *, rtol: float = 1e-4, what: str = "the transformed model",
+                       apply: Optional[Callable[[nn.Module, nn.Module], Any]] = None) -> Any:
     """Apply ``transform`` (an in-place model surgery) to ``model`` only once a copy passed the check.
 
     The copy's ``outputs`` must equal the untouched model's in float64 (:func:`compare_outputs`);
     otherwise ``model`` is left as it is and :class:`OutputMismatchError` is raised.
 
+    Args:
+        apply: ``apply(model, checked copy)`` makes ``model`` what the copy became (e.g. by taking over
+            its computed weights) instead of running ``transform(model)`` a second time. Defaults to None.
+
     Returns:
-        What ``transform(model)`` returns.
+        What ``transform(model)`` (or ``apply``) returns.
     """
     with torch.no_grad():
         reference = outputs(float64_copy(model))
         rehearsal = copy.deepcopy(model)
         transform(rehearsal)
         compare_outputs(reference, outputs(float64_copy(rehearsal)), rtol=rtol, what=what)
+    if apply is not None:
+        return apply(model, rehearsal)
     del rehearsal
     return transform(model)

@@ -18,17 +18,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import random
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["VOC_CLASSES", "TOY_CLASSES", "make_toy_voc", "write_voc"]
+__all__ = ["VOC_CLASSES", "TOY_CLASSES", "make_toy_voc", "write_voc", "generated_dataset", "MARKER"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ _STYLE: Dict[str, Tuple[str, Tuple[int, int, int]]] = {
     "dog": ("triangle", (40, 80, 230)),
 }
 TOY_CLASSES = tuple(_STYLE)
+#: The file :func:`write_voc` leaves in the ``VOCdevkit`` it writes, naming how it was generated.
+MARKER = "lrpet_dataset.json"
 
 
 def _palette() -> List[int]:
@@ -170,9 +173,36 @@ def write_voc(root: str, draw, num_train: int, num_test: int, size: int, seed: i
             for sub in ("Main", "Segmentation"):
                 with open(os.path.join(base, "ImageSets", sub, split + ".txt"), "w") as f:
                     f.write("\n".join(split_ids) + "\n")
+    with open(os.path.join(devkit, MARKER), "w") as f:
+        json.dump({"generated_by": "lrpet_dense", "kind": what, "train": num_train, "test": num_test, "size": size,
+                   "seed": seed}, f)
     logger.info("wrote a %s VOC dataset (%d train, %d test images of %dpx) to %s", what, num_train, num_test, size,
                 devkit)
     return devkit
+
+
+def generated_dataset(path: Optional[str]) -> Optional[Dict[str, object]]:
+    """What :func:`write_voc` wrote about the dataset at ``path``, or None for any other dataset.
+
+    Args:
+        path: a ``VOCdevkit`` folder or one of its ``VOC2007`` / ``VOC2012`` folders (a detectron2
+            dataset's ``dirname``, an mmseg dataset's ``data_root``); None gives None.
+
+    Returns:
+        ``{"generated_by", "kind" ("toy" | "proxy"), "train", "test", "size", "seed"}`` or None.
+    """
+    if not path:
+        return None
+    path = os.path.abspath(str(path))
+    for folder in (path, os.path.dirname(path)):
+        marker = os.path.join(folder, MARKER)
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                data = json.load(f)
+            if not isinstance(data, dict) or data.get("generated_by") != "lrpet_dense":
+                raise ValueError(f"{marker!r} is not a dataset marker written by lrpet_dense.data: {data!r}")
+            return data
+    return None
 
 
 def main(argv=None) -> None:

@@ -30,7 +30,7 @@ from detectron2.utils.env import seed_all_rng
 from lrpet_dense.report import RunMeasurer, initial_weights_match, measure_run
 
 from .adapter import default_plan_hw
-from .deploy import count_complexity, load_model, plan_from_checkpoint
+from .deploy import count_complexity, load_model, plan_from_checkpoint, to_inference_
 
 __all__ = ["evaluate_detector", "chance_detector", "measure"]
 
@@ -108,6 +108,8 @@ class _Detectron2Run(RunMeasurer):
 
     load_model = staticmethod(load_model)
     plan_from_checkpoint = staticmethod(plan_from_checkpoint)
+    to_inference = staticmethod(to_inference_)
+    check_hw = (160, 160)  # to_inference_'s default
 
     def __init__(self, cfg: CfgNode):
         cfg = cfg.clone()
@@ -140,7 +142,7 @@ class _Detectron2Run(RunMeasurer):
         ap_f, _, _ = evaluate_detector(self.cfg, fact, ds)
         chance, how = chance_detector(self.cfg, ds)
         return {"metric": metric, "dataset": ds, "evaluator": desc, "dense": ap_d, "factorized": ap_f,
-                "chance": chance, "chance_method": how}
+                "chance": chance, "chance_method": how, "dataset_root": MetadataCatalog.get(ds).get("dirname", None)}
 
     def initial_model(self, initial, dense, notes):
         cfg = self.cfg

@@ -28,7 +28,7 @@ from torch import nn
 from lrpet_dense.report import RunMeasurer, measure_run
 
 from .adapter import default_plan_hw
-from .deploy import count_complexity, load_model, plan_from_checkpoint
+from .deploy import count_complexity, load_model, plan_from_checkpoint, to_inference_
 
 __all__ = ["evaluate_segmentor", "chance_segmentor", "measure"]
 
@@ -74,6 +74,7 @@ class _MMSegRun(RunMeasurer):
 
     load_model = staticmethod(load_model)
     plan_from_checkpoint = staticmethod(plan_from_checkpoint)
+    to_inference = staticmethod(to_inference_)
 
     def title(self):
         bb, head = self.cfg.model.backbone, self.cfg.model.decode_head
@@ -98,7 +99,8 @@ class _MMSegRun(RunMeasurer):
                 "dataset": f"{cfg.test_dataloader.dataset.type} {cfg.test_dataloader.dataset.get('ann_file', '')}".strip(),
                 "evaluator": f"mmseg {evaluator.get('type', evaluator) if isinstance(evaluator, dict) else evaluator}",
                 "dense": float(m_d[metric]), "factorized": float(m_f[metric]), "chance": float(m_c[metric]),
-                "chance_method": "every pixel predicted background (the most frequent class)"}
+                "chance_method": "every pixel predicted background (the most frequent class)",
+                "dataset_root": cfg.test_dataloader.dataset.get("data_root")}
 
     def initial_model(self, initial, dense, notes):
         from mmseg.registry import MODELS

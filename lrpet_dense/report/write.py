@@ -10,15 +10,17 @@ import json
 import logging
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from lrpet_dense.core.macs import full_rank
+
+from .timing import MAX_QUARTILE_RATIO, SpeedUp
 
 __all__ = ["REPORT_VERSION", "write_report", "render_markdown", "write_summary"]
 
 logger = logging.getLogger(__name__)
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: latency in interleaved rounds, judged speed-ups
 _REQUIRED = ("framework", "title", "complexity", "plan")
 
 
@@ -51,6 +53,53 @@ def _layers(plan: Mapping[str, Any]) -> List[Mapping[str, Any]]:
     return list(plan.get("layers", []))
 
 
+def _speedup(lat: Mapping[str, Any], part: str) -> SpeedUp:
+    """The judged speed-up of ``part`` stored in a report's ``latency`` entry."""
+    judged = lat.get("speedup")
+    if not judged or part not in judged:
+        raise ValueError(f"the report's latency entry holds no judged speed-up for {part!r} (a report written before "
+                         f"report version {REPORT_VERSION}?): measure it again with `lrpet-dense report`")
+    return SpeedUp.from_dict(judged[part])
+
+
+def _spread(t: Mapping[str, Any]) -> str:
+    return f"{t['median_ms']:.1f} ({t['min_ms']:.1f}-{t['max_ms']:.1f})"
+
+
+def _latency_section(lat: Mapping[str, Any], dense: Mapping[str, Any], fact: Mapping[str, Any],
+                     hw: Optional[Sequence[int]]) -> List[str]:
+    load = [l for l in lat.get("load_average") or [] if l]
+    lines = ["## CPU latency", "",
+             f"Both models timed in {lat.get('form', 'the form they were loaded in')}, {lat['threads']} thread(s), "
+             f"batch 1{f', {hw[0]}x{hw[1]}' if hw else ''}; {lat.get('device', 'CPU')}"
+             + (f", load average (1 min) {load[0][0]:.2f} before and {load[-1][0]:.2f} after" if load else "")
+             + f". {lat['warmup']} warm-up call(s) each, then {lat['rounds']} rounds that each run the dense and the "
+             "factorised model once, in turn (the order alternating). Times: median (min-max) over the rounds. "
+             "Speed-up: the median over the rounds of dense time / factorised time of the same round (min-max). "
+             "A speed-up above the MACs ratio, or one whose rounds disagree (the middle half more than "
+             f"{MAX_QUARTILE_RATIO - 1:.0%} apart), is not a result: the row says the timing was too noisy and shows "
+             "the rounds' spread instead.", "",
+             "| part | dense ms | factorised ms | speed-up (rounds min-max) | MACs ratio |", "|---|---:|---:|---:|---:|"]
+    noisy = []
+    for part in ("backbone", "model"):
+        if part not in lat.get("dense", {}):
+            continue
+        s = _speedup(lat, part)
+        name = "backbone" if part == "backbone" else "whole model"
+        lines.append(f"| {name} | {_spread(lat['dense'][part])} | {_spread(lat['factorized'][part])} | {s.text()} | "
+                     f"{_ratio(dense[part]['macs'], fact[part]['macs'])} |")
+        if s.noisy:
+            noisy.append(f"{name}: {s.reason}.")
+    if noisy:
+        hint = "" if lat["threads"] == 1 else " or one thread (`--threads 1`), which other jobs on the machine disturb less"
+        lines += ["", f"**The timing was too noisy** (measure again on an idle machine, with more rounds (`--repeats`)"
+                  f"{hint}):", ""] + [f"- {n}" for n in noisy]
+    if lat.get("note"):
+        lines += ["", lat["note"]]
+    lines.append("")
+    return lines
+
+
 def render_markdown(data: Mapping[str, Any], figures: Optional[Mapping[str, str]] = None) -> str:
     """The Markdown report of one model's measured ``data`` (the dict of :func:`write_report`).
 
@@ -74,12 +123,14 @@ def render_markdown(data: Mapping[str, Any], figures: Optional[Mapping[str, str]
         metric = acc["metric"]
         lines += ["## Accuracy", "",
                   f"{metric} on `{acc.get('dataset', '?')}` ({acc.get('evaluator', '')}).", "",
-                  f"| model | {metric} |", "|---|---:|",
+                  f"| model | {metric}{' (toy set: a smoke check)' if acc.get('smoke_check') else ''} |", "|---|---:|",
                   f"| projected dense (trained) | {_num(acc.get('dense'))} |",
                   f"| factorised (compressed checkpoint) | {_num(acc.get('factorized'))} |"]
         if acc.get("chance") is not None:
             lines.append(f"| chance level: {acc.get('chance_method', '')} | {_num(acc.get('chance'))} |")
         lines.append("")
+        if acc.get("smoke_check"):
+            lines += [f"The {metric} above is {acc['smoke_check']}.", ""]
 
     comp = data["complexity"]
     dense, fact = comp["dense"], comp["factorized"]
@@ -98,20 +149,7 @@ def render_markdown(data: Mapping[str, Any], figures: Optional[Mapping[str, str]
 
     lat = data.get("latency")
     if lat:
-        lines += ["## CPU latency", "",
-                  f"Median of {lat['repeats']} runs after {lat['warmup']} warm-up runs, {lat['threads']} "
-                  f"thread(s), batch 1{f', {hw[0]}x{hw[1]}' if hw else ''}; {lat.get('device', 'CPU')}.", "",
-                  "| part | dense (ms) | factorised (ms) | speed-up | MACs ratio |", "|---|---:|---:|---:|---:|"]
-        for part in ("backbone", "model"):
-            if part not in lat.get("dense", {}):
-                continue
-            d, f = lat["dense"][part]["median_ms"], lat["factorized"][part]["median_ms"]
-            lines.append(f"| {'backbone' if part == 'backbone' else 'whole model'} | {d:.1f} | {f:.1f} | "
-                         f"{_ratio(d, f)} | {_ratio(dense[part]['macs'], fact[part]['macs'])} |")
-        if lat.get("note"):
-            lines += ["", lat["note"]]
-        lines.append("")
-
+        lines += _latency_section(lat, dense, fact, hw)
     for kind, caption in (("ranks", "Rank per layer (full vs kept)"),
                           ("spectra", "Singular values before and after training"),
                           ("history", "Energy kept and relative weight change at each projection")):
@@ -227,9 +265,9 @@ def write_report(data: Mapping[str, Any], out_dir: str) -> Dict[str, str]:
              # optional:
              "config", "checkpoint", "compressed_checkpoint", "run_dir": str, "input_size": [H, W],
              "counter": str, "notes": [str], "factorized_layers": [str],
-             "accuracy": {"metric", "dataset", "evaluator", "dense", "factorized", "chance", "chance_method"},
-             "latency": {"threads", "repeats", "warmup", "dense" | "factorized": {"backbone" | "model":
-                         measure_latency(...)}},
+             "accuracy": {"metric", "dataset", "evaluator", "dense", "factorized", "chance", "chance_method",
+                          "smoke_check": str (on the generated toy set)},
+             "latency": measure_latency_pair(...) + {"device": str, "form": str (how both models ran)},
              "history": load_projection_history(...),
              "spectra": {"initial_source": str, "layers": {name: {"rank", "initial": [...], "final": [...]}}}}
 
@@ -282,9 +320,10 @@ def write_summary(report_dirs, path: str) -> str:
         comp = data["complexity"]
         acc = data.get("accuracy")
         acc_text = "-" if not acc else (f"{acc['metric']} {_num(acc.get('dense'))} / {_num(acc.get('factorized'))} "
-                                        f"({_num(acc.get('chance'))})")
+                                        f"({_num(acc.get('chance'))})" + (", toy-set smoke check" if acc.get("smoke_check")
+                                                                         else ""))
         lat = data.get("latency")
-        speed = "-" if not lat else _ratio(lat["dense"]["model"]["median_ms"], lat["factorized"]["model"]["median_ms"])
+        speed = "-" if not lat else _speedup(lat, "model").text()
         rel = os.path.relpath(os.path.join(d, "report.md"), os.path.dirname(os.path.abspath(path)))
         rows.append(f"| {data['title']} | {acc_text} | "
                     f"{_cut(comp['dense']['backbone']['macs'], comp['factorized']['backbone']['macs'])} | "

@@ -8,6 +8,7 @@ The public API (everything else in the submodules is internal to lrpet_dense):
 - one weight: :func:`lrpet_project`; one model's layers (:class:`ConvBN` triples, e.g. a framework
   adapter's :class:`Pairing`), in place and atomic, shared over ranks in a distributed job:
   :func:`project_` -> :class:`LayerStats`; the training schedule: :class:`LRPETProjector`;
+- after the final projection: :func:`recalibrate_bn_` (BN statistics for the final weights);
 - inference: :func:`factorize_` (:class:`FactorizedConv2d`), :func:`enable_compressed_loading_`,
   and the float64 output check :func:`compare_outputs`.
 
@@ -18,6 +19,7 @@ Example:
     >>> torch.linalg.matrix_rank(w.reshape(64, -1)).item()
     16
 """
+from .bn import recalibrate_bn_
 from .config import LRPETConfig
 from .distributed import DistributedProjectionError
 from .factorize import FactorizedConv2d, enable_compressed_loading_, factorize_
@@ -31,7 +33,7 @@ __all__ = [
     "LRPETConfig",
     "RankPlan", "LayerPlan", "LayerSpec", "build_rank_plan", "rank_from_ratio",
     "ConvBN", "LayerStats", "lrpet_project", "project_", "Pairing",
-    "LRPETProjector", "ProjectionSummary", "ProjectionError", "DistributedProjectionError",
+    "LRPETProjector", "ProjectionSummary", "ProjectionError", "DistributedProjectionError", "recalibrate_bn_",
     "FactorizedConv2d", "factorize_", "enable_compressed_loading_",
     "compare_outputs", "OutputMismatchError",
 ]

@@ -133,8 +133,22 @@ class LRPETHook(HookBase):
             return
         # With several workers the layers are shared out, each projected once (with rank 0's BN
         # statistics) and broadcast, so every worker ends with bit-identical weights and stats.
-        summary = self.projector.project_(self._layers, self.plan, steps_done)
+        summary = self.projector.project_(self._layers, self.plan, steps_done, final=is_last)
         self.trainer.storage.put_scalars(**summary.scalars("lrpet/"), smoothing_hint=False)
+        if is_last and summary.error is None:
+            self._recalibrate_bn(steps_done)
+
+    def _recalibrate_bn(self, steps_done: int) -> None:
+        """BN statistics for the final weights (``LRPET.PRECISE_BN_ITERS``), unless detectron2's own
+        ``PreciseBN`` hook, which runs after this one at the last step, recomputes them anyway."""
+        if not self.config.precise_bn_iters:
+            return
+        if any(isinstance(h, hooks.PreciseBN) for h in getattr(self.trainer, "_hooks", ())):
+            logger.info("LRPET: BN statistics after the final projection are recomputed by detectron2's PreciseBN "
+                        "(TEST.PRECISE_BN); LRPET.PRECISE_BN_ITERS is not used")
+            return
+        self.projector.recalibrate_bn_(self._model, self.trainer.data_loader, lambda m, batch: m(batch),
+                                       steps_done)
 
     def state_dict(self) -> dict:
         """Plain data only (loadable with ``torch.load(weights_only=True)``): the plan and the counters."""

@@ -62,6 +62,11 @@ def build_plan(model: nn.Module, layers: Sequence[ConvBN], config: LRPETConfig,
     return plan_layers(model, layers, config, sizes, backbone_names, in_sizes)
 
 
+def _loss_forward(model: nn.Module, data_batch) -> None:
+    """The training forward of a segmentor on a loader batch (no backward): every BN a step updates sees it."""
+    model(**model.data_preprocessor(data_batch, True), mode="loss")
+
+
 @HOOKS.register_module()
 class LRPETHook(Hook):
     """Project the selected convs onto their planned rank every ``interval`` iterations.
@@ -125,7 +130,11 @@ class LRPETHook(Hook):
             return
         # With several ranks the layers are shared out, each projected once (with rank 0's BN
         # statistics) and broadcast, so every rank ends with bit-identical weights and stats.
-        summary = self.projector.project_(self._layers, self.plan, steps_done)
+        is_last = self.is_last_train_iter(runner)
+        summary = self.projector.project_(self._layers, self.plan, steps_done, final=is_last)
+        if is_last and summary.error is None:  # BN statistics for the final weights (precise_bn_iters)
+            self.projector.recalibrate_bn_(unwrap_model(runner.model), runner.train_dataloader, _loss_forward,
+                                           steps_done)
         scalars = summary.scalars()
         scalars["lrpet/num_projections"] = float(self.projector.num_projections)
         # The visualizer records each projection at its own step (scalars.json, TensorBoard, ...).

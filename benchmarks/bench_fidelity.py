@@ -159,7 +159,7 @@ class Job:
 
     def deps(self, b: "Budget") -> List["Job"]:
         """The jobs whose checkpoints this one starts from."""
-        T = _T(b, self.fw)
+        T = budget_iters(b, self.fw)
         if self.method in ("svd-ft", "prune-ft", "svd"):
             return [Job(self.fw, "dense", None, self.seed, self.start, 0, self.group)]
         if self.method.startswith("ft-"):
@@ -171,11 +171,11 @@ class Job:
         return []
 
 
-def _T(b: Budget, fw: str) -> int:
+def budget_iters(b: Budget, fw: str) -> int:
     return b.seg_iters if fw == "seg" else b.det_iters
 
 
-def _iters(T: int, share: float) -> int:
+def share_of(T: int, share: float) -> int:
     return max(1, int(round(T * share)))
 
 
@@ -338,7 +338,7 @@ def seg_job(setup: Setup, job: Job) -> Dict[str, Any]:
         options = dict(target_macs_cut=job.cut, interval=max(job.iters // projections, 1), energy_transfer=et,
                        bn_rectification=bnr, rank_policy=policy, precise_bn_iters=0)  # the ending is the bench's
         if method == "lrpet-ramp":
-            options["rank_warmup"] = _iters(T, b.rank_warmup)
+            options["rank_warmup"] = share_of(T, b.rank_warmup)
         cfg.custom_hooks = [dict(type="LRPETHook", **options)]
         if job.method == "ft-lrpet":
             cfg.load_from = setup.ckpt(job.deps(b)[0])
@@ -688,8 +688,8 @@ def plan_jobs(b: Budget, frameworks: Sequence[str]) -> List[Job]:
             group = "core50" if cut == max(b.cuts) else "core30"
             if group not in b.groups:
                 continue
-            starts = sorted({T - _iters(T, f) for f in b.svd_ft})
-            add(*(Job("seg", "dense", None, s, n, 0, group) for n in [_iters(T, f) for f in b.seg_curve] + [T]
+            starts = sorted({T - share_of(T, f) for f in b.svd_ft})
+            add(*(Job("seg", "dense", None, s, n, 0, group) for n in [share_of(T, f) for f in b.seg_curve] + [T]
                   for s in seeds))
             add(*(Job("seg", "lrpet", cut, s, T, 0, group) for s in seeds))
             add(*(Job("seg", "svd-ft", cut, s, T - n, n, group) for n in starts for s in seeds))
@@ -701,17 +701,17 @@ def plan_jobs(b: Budget, frameworks: Sequence[str]) -> List[Job]:
             if group in b.groups:
                 add(*(Job("seg", m, cut, s, T, 0, group) for cut in b.cuts for m in methods for s in seeds))
         if "prune" in b.groups:
-            F = _iters(T, b.prune_ft)
+            F = share_of(T, b.prune_ft)
             add(*(Job("seg", "dense", None, s, T - F, 0, "prune") for s in seeds))
             add(*(Job("seg", "prune-ft", cut, s, F, T - F, "prune") for cut in b.cuts for s in seeds))
         if "early" in b.groups:
-            half = _iters(T, b.early)
+            half = share_of(T, b.early)
             add(*(Job("seg", "lrpet-half", cut, s, half, 0, "early") for cut in b.cuts for s in seeds))
             add(*(Job("seg", "lrpet-early", cut, s, T - half, half, "early") for cut in b.cuts for s in seeds))
     if "det" in frameworks and "det" in b.groups:
         Td = b.det_iters
-        F = _iters(Td, min(b.svd_ft))
-        add(*(Job("det", "dense", None, s, n, 0, "det") for n in [_iters(Td, f) for f in b.det_curve] + [Td - F, Td]
+        F = share_of(Td, min(b.svd_ft))
+        add(*(Job("det", "dense", None, s, n, 0, "det") for n in [share_of(Td, f) for f in b.det_curve] + [Td - F, Td]
               for s in seeds))
         for cut in b.det_cuts:
             add(*(Job("det", "lrpet", cut, s, Td, 0, "det") for s in seeds))
@@ -848,7 +848,7 @@ def summarise(results: Dict[str, Dict[str, Any]], b: Budget, chance: Dict[str, f
             continue
         if r["method"] == "dense":
             curve.setdefault((r["fw"], r["iters"]), []).append(r["value"])
-            if r["iters"] != _T(b, r["fw"]):
+            if r["iters"] != budget_iters(b, r["fw"]):
                 continue
         scenario = "finetune" if r["method"].startswith("ft-") else "oneshot" if r["method"] == "svd" else "equal"
         F = r["iters"] if r["start"] else None
@@ -896,9 +896,9 @@ def summarise(results: Dict[str, Dict[str, Any]], b: Budget, chance: Dict[str, f
 def _checks(results, b: Budget, rows, curves, chance) -> List[Dict[str, Any]]:
     checks: List[Dict[str, Any]] = []
     for fw, pts in curves.items():
-        T = _T(b, fw)
+        T = budget_iters(b, fw)
         at = {p["iters"]: p for p in pts}
-        half = at.get(_iters(T, 0.5))
+        half = at.get(share_of(T, 0.5))
         if T in at and half is not None:
             gain = at[T]["mean"] - half["mean"]
             se = at[T]["se"]

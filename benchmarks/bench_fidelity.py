@@ -565,12 +565,12 @@ def _det_svd(setup: Setup, job: Job, work: str):
     """The dense detector of the job's parent, truncated (rank-k, no ET/BNR) and factorised; with its plan."""
     from lrpet_dense.core import LRPETConfig
     from lrpet_dense.detectron2 import build_plan, compress_model_, load_model, pair_convs
-    from lrpet_dense.detectron2.hook import default_plan_hw
+    from lrpet_dense.detectron2 import default_plan_hw
 
     cfg = _det_cfg(setup, work, 1, 0, finetune=True)
     model, _ = load_model(cfg, setup.ckpt(job.deps(setup.budget)[0]))
     config = LRPETConfig(target_macs_cut=job.cut, energy_transfer=False, bn_rectification=False)
-    plan = build_plan(model, pair_convs(model, config).layers, config, default_plan_hw(cfg))
+    plan = build_plan(model, pair_convs(model, config).layers, config, default_plan_hw(model, cfg))
     compress_model_(model, plan, project=True, config=config)
     return cfg, model, plan
 
@@ -627,13 +627,13 @@ def _det_scratch_weights(setup: Setup, job: Job, work: str, path: str) -> float:
 
     from lrpet_dense.core import FactorizedConv2d, LRPETConfig, factorize_
     from lrpet_dense.detectron2 import build_plan, pair_convs, save_compressed
-    from lrpet_dense.detectron2.hook import default_plan_hw
+    from lrpet_dense.detectron2 import default_plan_hw
 
     cfg = _det_cfg(setup, work, 1, job.seed, finetune=False)
     torch.manual_seed(job.seed)
     model = build_model(cfg)
     config = LRPETConfig(target_macs_cut=job.cut)
-    plan = build_plan(model, pair_convs(model, config).layers, config, default_plan_hw(cfg))
+    plan = build_plan(model, pair_convs(model, config).layers, config, default_plan_hw(model, cfg))
     factorize_(model, plan, from_weights=False)
     for m in model.modules():
         if isinstance(m, FactorizedConv2d):

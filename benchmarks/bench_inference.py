@@ -106,12 +106,11 @@ class DetBundle(_Bundle):
         self.image = torch.rand(3, *hw, generator=g) * 255
 
     def plan(self, model, changes: dict):
-        from lrpet_dense.detectron2 import build_plan, lrpet_config, pair_convs
-        from lrpet_dense.detectron2.hook import default_plan_hw
+        from lrpet_dense.detectron2 import build_plan, default_plan_hw, lrpet_config, pair_convs
 
         config = lrpet_config(self.cfg).replace(ratio=None, target_macs_cut=None).replace(**changes)
         layers = pair_convs(model, config).layers
-        return layers, build_plan(model, layers, config, default_plan_hw(self.cfg))
+        return layers, build_plan(model, layers, config, default_plan_hw(model, self.cfg))
 
     def compress_(self, model, plan) -> List[str]:
         from lrpet_dense.detectron2 import compress_model_

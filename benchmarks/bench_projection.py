@@ -7,7 +7,7 @@ the core's result against a float64 exact-SVD reference on every layer.
 
 Weights are torchvision's ResNet-50 at its default (random, seeded) initialisation: the real
 shapes (53 conv matrices, 23.5 M parameters). The core is timed as the hooks call it
-(``_compute_layer_projections``, what ``project_`` runs, on the model's ``(name, conv, bn)`` pairs: all layers, computed
+(``compute_layer_projections``, what ``project_`` runs, on the model's ``(name, conv, bn)`` pairs: all layers, computed
 without being written). No BN rectification (pass ``--bnr`` for random BN statistics, giving a
 BN scale in [0.5, 1.5) per channel).
 """
@@ -23,7 +23,7 @@ import torchvision
 
 from _common import save_json  # benchmarks/_common.py
 from lrpet_dense.core import ConvBN, LRPETConfig, rank_from_ratio
-from lrpet_dense.core.projection import _bn_scale, _compute_layer_projections
+from lrpet_dense.core.projection import bn_scale, compute_layer_projections
 
 
 def exact_lrpet(M: torch.Tensor, k: int, a=None, ridge=1e-5) -> torch.Tensor:
@@ -67,14 +67,14 @@ def main(argv=None):
     weights = [l.conv.weight.detach() for l in layers]
     ranks = [rank_from_ratio(min(w.shape[0], w[0].numel()), args.ratio) for w in weights]
     plan = {l.name: k for l, k in zip(layers, ranks)}
-    scales = [None if l.bn is None else _bn_scale(l.bn).float() for l in layers]
+    scales = [None if l.bn is None else bn_scale(l.bn).float() for l in layers]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def run_exact():
         return [exact_lrpet(w.reshape(w.shape[0], -1), k, a) for w, k, a in zip(weights, ranks, scales)]
 
     def run_fast():
-        return [new for _, new, _ in _compute_layer_projections(layers, plan, LRPETConfig())]
+        return [new for _, new, _ in compute_layer_projections(layers, plan, LRPETConfig())]
 
     # Warm up both, then alternate them so that load changes on the machine hit both alike.
     run_exact(); run_fast(); sync()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import logging
 import os
 import platform
@@ -134,7 +133,7 @@ def bench_det(args, data_root: str, log) -> dict:
     hook = LRPETHook.from_config(cfg, model)  # the hook train_det.py would install, on the trained model
     proj = []
     for i in range(args.projections):
-        proj.append(hook.projector.project_(hook._layers, hook.plan, (i + 1) * interval).seconds)
+        proj.append(hook.projector.project_(hook.layers, hook.plan, (i + 1) * interval).seconds)
     res = {"framework": "detectron2", "config": os.path.relpath(DET_TOY, ROOT),
            "input": f"{args.det_size}px short side",
            "batch": int(cfg.SOLVER.IMS_PER_BATCH), "interval": interval, "layers": len(hook.plan),
@@ -213,9 +212,10 @@ def _seg_loop(args, data_root: str, hooks: list):
 
 
 def bench_seg(args, data_root: str, log) -> dict:
+    from lrpet_dense.core import LRPETConfig
     from lrpet_dense.mmseg import LRPETHook
 
-    default_interval = inspect.signature(LRPETHook.__init__).parameters["interval"].default
+    default_interval = LRPETConfig().interval
     hook_cfg = _seg_hook_cfg()
     log(f"mmseg: {args.warmup}+{args.iters} iterations of the toy PSPNet R50-D8 without the hook "
         f"(crop {args.seg_crop}x{args.seg_crop}, batch 2)")
@@ -223,7 +223,7 @@ def bench_seg(args, data_root: str, log) -> dict:
     kwargs = {k: v for k, v in hook_cfg.items() if k != "type"}
     hook = LRPETHook(**kwargs)
     hook.before_train(runner)  # pairing and plan on the trained model, as in a real run
-    proj = [hook.projector.project_(hook._layers, hook.plan, (i + 1) * hook.interval).seconds
+    proj = [hook.projector.project_(hook.layers, hook.plan, (i + 1) * hook.config.interval).seconds
             for i in range(args.projections)]
     res = {"framework": "mmseg", "config": os.path.relpath(SEG_TOY, ROOT),
            "input": f"crop {args.seg_crop}x{args.seg_crop}",

@@ -63,12 +63,22 @@ def layer_groups(names: Sequence[str], level: str = "stage") -> Dict[str, List[s
 
 
 class TrialRunner:
-    """What a framework adapter provides to :func:`run_search`.
+    """What a framework adapter provides to :func:`run_search`; the trial's steps are written once here.
 
-    The adapters' runners call ``__init__`` with the config's LRPET options, the model built from the
-    config and its selected layers; they implement :meth:`build_plan` (the framework's plan builder)
-    and :meth:`train_and_score`. :func:`run_search` only needs ``names``, ``metric``,
-    :meth:`size_ratio` and :meth:`train_and_score`.
+    A trial is :meth:`train` (the framework's own trainer, supplied by the adapter's runner: a short
+    LRPET training with the trial's per-group ratios, returning the trained model and its plan), then,
+    here, a check that training did not diverge (:func:`check_finite`), the checked factorisation
+    (:meth:`~lrpet_dense.core.adapter.Adapter.compress_model_`), and :meth:`evaluate` (the framework's
+    evaluator, supplied). Plans for :meth:`size_ratio` come from the adapter's
+    :meth:`~lrpet_dense.core.adapter.Adapter.build_plan`. :func:`run_search` only needs ``names``,
+    ``metric``, :meth:`size_ratio` and :meth:`train_and_score`.
+
+    Args:
+        iters: training iterations per trial (> 0).
+        base: the config's LRPET options (an :class:`~lrpet_dense.core.LRPETConfig`).
+        model: the model built from the config (to select layers and plan; not trained).
+        adapter: the framework's :class:`~lrpet_dense.core.adapter.Adapter`.
+        input_hw: the planning input size when the options do not set one. Defaults to the adapter's.
 
     Attributes:
         names: the selected layers (as the config's LRPET options select them).
@@ -78,11 +88,12 @@ class TrialRunner:
     names: List[str] = []
     metric: str = ""
 
-    def __init__(self, iters: int, base, model, layers) -> None:
+    def __init__(self, iters: int, base, model, adapter, input_hw: Optional[Tuple[int, int]] = None) -> None:
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ValueError(f"trial iterations must be a positive integer, got {iters!r}")
-        self.iters, self.base, self.model, self.layers = iters, base, model, layers
-        self.names = [l.name for l in layers]
+        self.iters, self.base, self.model, self.adapter, self.input_hw = iters, base, model, adapter, input_hw
+        self.layers = adapter.pair_convs(model, base).layers
+        self.names = [l.name for l in self.layers]
 
     def trial_config(self, overrides: Mapping[str, float]):
         """The config's LRPET options with the trial's per-group ratios (and nothing else choosing ranks)."""
@@ -91,15 +102,27 @@ class TrialRunner:
 
     def build_plan(self, config):
         """The framework's rank plan of ``self.layers`` under ``config``."""
-        raise NotImplementedError
+        return self.adapter.build_plan(self.model, self.layers, config, self.input_hw)
 
     def size_ratio(self, overrides: Mapping[str, float], measure: str) -> float:
         """The selection's MACs (or params) after factorisation / before, for these ratios (no training)."""
         return plan_size_ratio(self.build_plan(self.trial_config(overrides)), measure)
 
-    def train_and_score(self, overrides: Mapping[str, float], work_dir: str, seed: int) -> float:
-        """A short LRPET training with these ratios, factorised and evaluated: the metric (0-100)."""
+    def train(self, overrides: Mapping[str, float], work_dir: str, seed: int):
+        """Supplied: a short LRPET training with these ratios; ``(trained model, its plan)``."""
         raise NotImplementedError
+
+    def evaluate(self, model) -> float:
+        """Supplied: the factorised model's score (the metric, 0-100) by the framework's evaluator."""
+        raise NotImplementedError
+
+    def train_and_score(self, overrides: Mapping[str, float], work_dir: str, seed: int) -> float:
+        """A short LRPET training with these ratios, factorised (checked) and evaluated: the metric (0-100)."""
+        model, plan = self.train(overrides, work_dir, seed)
+        model = self.adapter.unwrap(model)
+        check_finite(model)  # a diverged trial is pruned by the search, not fatal
+        self.adapter.compress_model_(model, plan)
+        return float(self.evaluate(model.eval()))
 
 
 @dataclass(frozen=True)

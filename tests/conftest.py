@@ -102,7 +102,7 @@ def d2_small_ckpts(tmp_path_factory):
     torch.manual_seed(0)  # reproducible weights; the export check must hold for any (tested over 40 seeds)
     model = build_model(cfg)
     hook = LRPETHook.from_config(cfg, model)
-    project_(hook._layers, hook.plan)
+    project_(hook.layers, hook.plan)
     folder = tmp_path_factory.mktemp("d2_ckpt")
     dense = folder / "model_final.pth"
     torch.save({"model": model.state_dict(), "trainer": {"hooks": {"LRPETHook": hook.state_dict()}}}, dense)

@@ -266,7 +266,7 @@ def test_seg_grouped_conv_under_a_broad_pattern_is_left_out():
     hook = LRPETHook(ratio=0.5, interval=2, plan_input_size=(8, 8))
     _before_train(hook, _SegNet(grouped=True))
     # backbone.4 (16 -> 16, 1x1) is selected but left dense at p = 0.5: rank 8 would not save MACs
-    assert [l.name for l in hook._layers] == ["backbone.0"] and hook.plan.left_dense == ["backbone.4"]
+    assert [l.name for l in hook.layers] == ["backbone.0"] and hook.plan.left_dense == ["backbone.4"]
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +346,7 @@ def test_hook_state_loads_weights_only(d2, tmp_path):
     pytest.importorskip("mmseg")
     from detectron2.layers import Conv2d
 
-    from lrpet_dense.core import LRPETConfig, build_rank_plan
+    from lrpet_dense.core import LRPETConfig, RankPlan, build_rank_plan
     from lrpet_dense.core.selection import layer_specs
     from lrpet_dense.detectron2 import LRPETHook, pair_convs
     from lrpet_dense.mmseg import LRPETHook as SegHook
@@ -354,10 +354,10 @@ def test_hook_state_loads_weights_only(d2, tmp_path):
     model = nn.Sequential(Conv2d(3, 8, 3, bias=False, norm=nn.BatchNorm2d(8)), Conv2d(8, 8, 3, norm=nn.BatchNorm2d(8)))
     layers = pair_convs(model, LRPETConfig(include=("*",))).layers
     plan = build_rank_plan(layer_specs(layers, {l.name: (4, 4) for l in layers}), LRPETConfig(ratio=0.5))
-    hook = LRPETHook(model, layers, plan, LRPETConfig(interval=2))
+    hook = LRPETHook(model, LRPETConfig(interval=2), layers=layers, plan=plan)
     hook.projector.last_iter, hook.projector.num_projections = 4, 2
     torch.save(hook.state_dict(), tmp_path / "d2.pth")
-    fresh = LRPETHook(model, layers, plan, LRPETConfig(interval=2))
+    fresh = LRPETHook(model, LRPETConfig(interval=2), layers=layers, plan=plan)
     fresh.load_state_dict(torch.load(tmp_path / "d2.pth", weights_only=True))
     assert fresh.projector.state_dict() == {"last_iter": 4, "num_projections": 2}
 
@@ -369,7 +369,8 @@ def test_hook_state_loads_weights_only(d2, tmp_path):
     torch.save(ckpt, tmp_path / "seg.pth")
     fresh = SegHook(ratio=0.5, interval=2)
     fresh.after_load_checkpoint(mock.MagicMock(), torch.load(tmp_path / "seg.pth", weights_only=True))
-    assert fresh._loaded_plan.ranks == seg.plan.ranks and fresh.projector.last_iter == 2
+    assert RankPlan.from_dict(fresh.resumed_state["plan"]).ranks == seg.plan.ranks
+    assert fresh.resumed_state["projector"]["last_iter"] == 2
 
 
 def test_rng_state_loads_weights_only_and_restores(d2, tmp_path):

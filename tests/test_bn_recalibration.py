@@ -183,3 +183,28 @@ def test_projection_during_rank_warmup_reaches_the_intermediate_rank():
     assert early.stats == [] and early.scalars("")["energy_kept_mean"] == 1.0
     proj.project_(layers, _plan(), 60, final=True)
     assert (rank(convs["a"]), rank(convs["b"])) == (4, 2)
+
+
+def test_plain_session_recomputes_bn_statistics_after_the_final_projection():
+    """``prepare(..., train_data=(batches, forward))``: after the last step's projection the BN statistics are
+    recomputed from ``precise_bn_iters`` batches (counters reset); without ``train_data`` they are left as trained."""
+    import lrpet_dense as lrpet
+
+    def run(train_data):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                              nn.BatchNorm2d(16))
+        session = lrpet.prepare(model, torch.randn(1, 3, 12, 12), LRPETConfig(ratio=0.5, interval=2, precise_bn_iters=3),
+                                total_steps=4, train_data=train_data)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for x in _batches(4, torch.float32):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+            session.step()
+        return model
+
+    model = run((_batches(5, torch.float32), lambda m, x: m(x)))
+    assert [int(m.num_batches_tracked) for m in model if isinstance(m, nn.BatchNorm2d)] == [3, 3]
+    model = run(None)
+    assert [int(m.num_batches_tracked) for m in model if isinstance(m, nn.BatchNorm2d)] == [4, 4]

@@ -46,6 +46,7 @@ def seg_stock_ckpt(seg_toy_data, tmp_path_factory):
     return ckpt
 
 
+@pytest.mark.slow
 def test_seg_stock_checkpoint_evaluated_by_mmseg_test_tool(seg_stock_ckpt, seg_toy_data, tmp_path):
     # the LRPET toy config imports the plugin (custom_imports): mmseg's own test.py reads the checkpoint
     code, text = _run([mmseg_tools() / "test.py", SEG_TOY_CFG, seg_stock_ckpt, "--work-dir", tmp_path],
@@ -54,6 +55,7 @@ def test_seg_stock_checkpoint_evaluated_by_mmseg_test_tool(seg_stock_ckpt, seg_t
     assert re.search(r"mIoU: [\d.]+", text)
 
 
+@pytest.mark.slow
 def test_seg_stock_checkpoint_starts_lrpet_fine_tuning(seg_stock_ckpt, seg_toy_data, tmp_path):
     code, text = _run([mmseg_tools() / "train.py", SEG_TOY_CFG, "--work-dir", tmp_path, "--cfg-options",
                        f"load_from={seg_stock_ckpt}"], seg_env(seg_toy_data), tmp_path)
@@ -64,6 +66,7 @@ def test_seg_stock_checkpoint_starts_lrpet_fine_tuning(seg_stock_ckpt, seg_toy_d
     assert ckpt["lrpet"]["projector"]["num_projections"] == 2
 
 
+@pytest.mark.slow
 def test_seg_stock_checkpoint_compressed_by_our_tool(seg_stock_ckpt, seg_toy_data, tmp_path):
     out = tmp_path / "c.pth"
     text = run_tool(["tools/compress_seg.py", SEG_TOY_CFG, seg_stock_ckpt, out, "--ratio", "0.5", "--project"],
@@ -71,6 +74,7 @@ def test_seg_stock_checkpoint_compressed_by_our_tool(seg_stock_ckpt, seg_toy_dat
     assert "factorised 54 of 54" in text and out.exists()
 
 
+@pytest.mark.slow
 def test_seg_checkpoint_with_other_class_is_refused(seg_stock_ckpt, seg_toy_data, tmp_path):
     import lrpet_dense.mmseg  # noqa: F401
 
@@ -88,8 +92,8 @@ def test_seg_checkpoint_with_other_class_is_refused(seg_stock_ckpt, seg_toy_data
                       tmp_path)
     assert code != 0 and "argparse.Namespace" in text  # torch's own refusal, in mmseg's own tool
     with pytest.raises(Exception, match="getattr"):  # the restricted getattr refuses anything but the 4 methods
-        from lrpet_dense.mmseg.checkpoint import _history_buffer_getattr
-        _history_buffer_getattr(torch, "load")
+        from lrpet_dense.mmseg.checkpoint import history_buffer_getattr
+        history_buffer_getattr(torch, "load")
 
 
 # =============================================================================== detectron2
@@ -124,12 +128,14 @@ def d2_stock_ckpt(d2_toy_voc, tmp_path_factory):
     return out / "model_final.pth"
 
 
+@pytest.mark.slow
 def test_d2_stock_checkpoint_evaluated_by_train_det(d2_stock_ckpt, d2_toy_voc, tmp_path):
     text = run_tool(["tools/train_det.py", "--config", D2_TOY_CFG, "--eval-only", *D2_TINY, "MODEL.WEIGHTS",
                      d2_stock_ckpt, "OUTPUT_DIR", tmp_path], {"LRPET_TOY_VOC": d2_toy_voc})
     assert re.search(r"copypaste: [\d.naN]+,[\d.naN]+,[\d.naN]+", text)
 
 
+@pytest.mark.slow
 def test_d2_stock_checkpoint_starts_lrpet_fine_tuning(d2_stock_ckpt, d2_toy_voc, tmp_path):
     text = run_tool(["tools/train_det.py", "--config", D2_TOY_CFG, *D2_TINY, "SOLVER.MAX_ITER", "2",
                      "MODEL.WEIGHTS", d2_stock_ckpt, "OUTPUT_DIR", tmp_path], {"LRPET_TOY_VOC": d2_toy_voc})
@@ -138,6 +144,7 @@ def test_d2_stock_checkpoint_starts_lrpet_fine_tuning(d2_stock_ckpt, d2_toy_voc,
     assert ckpt["trainer"]["hooks"]["LRPETHook"]["projector"]["num_projections"] == 1
 
 
+@pytest.mark.slow
 def test_d2_stock_checkpoint_compressed_by_our_tool(d2_stock_ckpt, d2_toy_voc, tmp_path):
     out = tmp_path / "c.pth"
     text = run_tool(["tools/compress_det.py", "--config", D2_TOY_CFG, "--checkpoint", d2_stock_ckpt, "--output", out,
@@ -145,6 +152,7 @@ def test_d2_stock_checkpoint_compressed_by_our_tool(d2_stock_ckpt, d2_toy_voc, t
     assert re.search(r"factorised \d+ of \d+ planned convs", text) and out.exists()
 
 
+@pytest.mark.slow
 def test_d2_checkpoint_with_other_class_is_refused(d2_stock_ckpt, d2_toy_voc, tmp_path):
     ckpt = torch.load(d2_stock_ckpt, map_location="cpu", weights_only=True)
     ckpt["args"] = argparse.Namespace(lr=0.1)

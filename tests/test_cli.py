@@ -60,6 +60,7 @@ def test_config_path_by_name_and_unknown_name(tmp_path):
         resolve("../../etc/passwd.yaml")  # never outside the shipped folder
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_documented_detectron2_entry_works_verbatim_from_an_empty_directory(tmp_path):
     """``python <repo>/tools/train_det.py --config faster_rcnn_lrpet.yaml`` from an empty directory: the shipped
@@ -82,6 +83,7 @@ def test_documented_detectron2_entry_works_verbatim_from_an_empty_directory(tmp_
     assert code == 0 and "--config-file" in text and "--eval-only" in text
 
 
+@pytest.mark.slow
 def test_mmseg_train_tool_runs_a_shipped_config_found_by_the_path_call(seg_toy_data, tmp_path):
     code, path = _run([CLI, "config-path", "toy/pspnet_r50-d8_lrpet_toy.py"], tmp_path)
     assert code == 0
@@ -91,6 +93,7 @@ def test_mmseg_train_tool_runs_a_shipped_config_found_by_the_path_call(seg_toy_d
     assert "LRPET projection 2 after iteration 3" in text
 
 
+@pytest.mark.slow
 def test_own_mmseg_config_inherits_a_shipped_one(tmp_path, seg_toy_data):
     """mmengine's ``pkg::`` scope is for OpenMMLab packages only; a user's config inherits ours by path, here
     through mmengine's environment-variable substitution, as README shows."""

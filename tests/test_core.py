@@ -9,7 +9,7 @@ from torch import nn
 from lrpet_dense.core import (ConvBN, FactorizedConv2d, LayerSpec, LRPETConfig, LRPETProjector, RankPlan,
                               build_rank_plan, factorize_, lrpet_project, project_, rank_from_ratio)
 from lrpet_dense.core.macs import conv_macs, factorization_saves, factorized_macs
-from lrpet_dense.core.projection import _bn_scale, _compute_projection
+from lrpet_dense.core.projection import bn_scale, compute_projection
 from lrpet_dense.core.rank import select_names
 
 C = LRPETConfig
@@ -224,7 +224,7 @@ def test_energy_kept_reported():
     torch.manual_seed(7)
     w = torch.randn(64, 64, dtype=torch.float64)
     a = torch.rand(64, dtype=torch.float64) + 0.5
-    _, kept = _compute_projection(w, 20, a, C())
+    _, kept = compute_projection(w, 20, a, C())
     S = torch.linalg.svdvals(w * a[:, None])
     assert kept == pytest.approx(((S[:20] ** 2).sum() / (S ** 2).sum()).item(), rel=1e-9)
 
@@ -279,7 +279,7 @@ def test_project_layers_in_place_with_stats():
         assert 0 < s.energy_kept < 1
         assert s.rel_change == pytest.approx(((net[i].weight - old).norm() / old.norm()).item(), rel=1e-5)
     torch.testing.assert_close(net[3].weight.detach().double(),
-                               exact_ref(olds[1], 10, _bn_scale(net[4])), rtol=0, atol=1e-5)
+                               exact_ref(olds[1], 10, bn_scale(net[4])), rtol=0, atol=1e-5)
 
 
 def test_project_layers_atomic_on_failure():
@@ -475,7 +475,7 @@ def test_layer_projections_reuse_no_buffer_between_layers(threads, residual):
     """Per-thread scratch buffers are reused from layer to layer: every result must still equal the
     layer projected on its own, own its storage, and survive the next call unchanged. The mix covers
     the kept-basis and dropped-basis paths, BNR, a full-rank entry and an all-zero weight with BN."""
-    from lrpet_dense.core.projection import _compute_layer_projections
+    from lrpet_dense.core.projection import compute_layer_projections
 
     torch.manual_seed(3)
     convs = [nn.Conv2d(24, 24, 3, bias=False) for _ in range(5)] + [nn.Conv2d(24, 48, 1, bias=False)]
@@ -490,12 +490,12 @@ def test_layer_projections_reuse_no_buffer_between_layers(threads, residual):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        results = _compute_layer_projections(layers, plan, C(residual=residual))
+        results = compute_layer_projections(layers, plan, C(residual=residual))
         kept = [new.clone() for _, new, _ in results]
-        _compute_layer_projections(layers[::-1], plan, C(residual=residual))  # reuses the buffers again
+        compute_layer_projections(layers[::-1], plan, C(residual=residual))  # reuses the buffers again
         torch.set_num_threads(1)
         alone = [lrpet_project(l.conv.weight, plan[l.name], config=C(residual=residual),
-                               bn_scale=None if l.bn is None else _bn_scale(l.bn)) for l in layers]
+                               bn_scale=None if l.bn is None else bn_scale(l.bn)) for l in layers]
     finally:
         torch.set_num_threads(before)
     ptrs = set()

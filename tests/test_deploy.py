@@ -207,7 +207,7 @@ def test_detection_check_accepts_any_tie_order_of_greedy_nms_and_nothing_else():
     candidates could make them for some order of tied scores: ONNX Runtime and PyTorch may break exact ties
     (saturated scores of 1.0) differently, and a file that keeps, drops or invents a box is refused."""
     pytest.importorskip("detectron2")
-    from lrpet_dense.detectron2.deploy import _check_selection
+    from lrpet_dense.detectron2.onnx import check_selection
 
     a, b = ([0, 0, 10, 10], 1.0, 0), ([1, 0, 11, 10], 1.0, 0)  # IoU 0.82, tied scores
     c, d, e = ([50, 50, 60, 60], 0.9, 0), ([0, 0, 10, 10], 0.8, 1), ([80, 80, 90, 90], 0.05, 1)
@@ -215,7 +215,7 @@ def test_detection_check_accepts_any_tie_order_of_greedy_nms_and_nothing_else():
 
     def check(*found, topk=100, groups=True):
         boxes, scores, classes = _selection(*found)
-        return _check_selection((boxes, scores, classes if groups else None), candidates, "detection", iou=0.5,
+        return check_selection((boxes, scores, classes if groups else None), candidates, "detection", iou=0.5,
                                 topk=topk, floor=0.05)
 
     assert check(a, c, d) == 0.0 and check(b, c, d) == 0.0  # either tie order; e is at the score floor
@@ -268,6 +268,7 @@ def _run(args, env=None):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_detectron2_inference_form_and_onnx(d2_small_ckpts, d2_toy_voc, tmp_path):
     pytest.importorskip("onnxruntime")
     from detectron2.config import get_cfg
@@ -296,6 +297,7 @@ def test_detectron2_inference_form_and_onnx(d2_small_ckpts, d2_toy_voc, tmp_path
     assert out.exists() and "ONNX Runtime vs PyTorch" in text
 
 
+@pytest.mark.slow
 def test_detectron2_compressed_traces_with_tracing_adapter(d2_small_ckpts):
     from detectron2.config import get_cfg
     from detectron2.export import TracingAdapter
@@ -314,6 +316,7 @@ def test_detectron2_compressed_traces_with_tracing_adapter(d2_small_ckpts):
         assert len(traced(image)) == len(adapter(image))
 
 
+@pytest.mark.slow
 def test_mmseg_inference_form_onnx_and_torch_export(seg_small_ckpts, tmp_path):
     pytest.importorskip("onnxruntime")
     from unittest import mock
@@ -348,6 +351,7 @@ def test_mmseg_inference_form_onnx_and_torch_export(seg_small_ckpts, tmp_path):
     assert out.exists() and "ONNX Runtime vs PyTorch" in text
 
 
+@pytest.mark.slow
 def test_detectron2_export_refuses_a_graph_that_differs_at_any_stage(tmp_path, monkeypatch):
     """The detector's export check, stage by stage: a graph whose convs, NMS or top-k are not the model's is
     refused and no file is written (here the exported copy is altered behind the check's back)."""
@@ -398,6 +402,7 @@ def test_detectron2_export_refuses_a_graph_that_differs_at_any_stage(tmp_path, m
         ld.export_onnx(model, str(tmp_path / "masks.onnx"), (96, 128))
 
 
+@pytest.mark.slow
 def test_export_pads_unaligned_ranks_and_checks_the_file_against_the_model_given(tmp_path):
     """Both adapters' export: ranks 25 (not multiples of 16) are padded in the file, whose outputs ONNX Runtime
     checks against the unpadded model's; the model given keeps its ranks. Ratio 0.6 of the toy widths (64 -> 25)."""

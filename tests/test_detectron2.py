@@ -32,7 +32,7 @@ from lrpet_dense.core import FactorizedConv2d, LRPETConfig, build_rank_plan  # n
 from lrpet_dense.core.selection import layer_specs  # noqa: E402
 from lrpet_dense.detectron2 import (LRPETHook, add_lrpet_config, build_plan, compress_model_,  # noqa: E402
                                     insert_before_checkpointer, lrpet_config, pair_convs, plan_from_checkpoint)
-from lrpet_dense.detectron2.hook import default_plan_hw  # noqa: E402
+from lrpet_dense.detectron2 import default_plan_hw  # noqa: E402
 
 # The settings and the uninterrupted run are shared with tests/test_faults.py (tests/conftest.py).
 from conftest import D2_TINY as TINY  # noqa: E402
@@ -173,7 +173,7 @@ def test_default_selection_c4_and_fpn():
     assert p.names and all(n.startswith(("backbone.bottom_up.res", "backbone.fpn_")) for n in p.names)
     fpn_convs = [n for n in p.names if n.startswith("backbone.fpn_")]
     assert len(fpn_convs) == 8 and all(l.bn is None for l in p.layers if l.name in fpn_convs)
-    plan = build_plan(fpn, p.layers, lrpet_config(fpn_cfg), default_plan_hw(fpn_cfg))
+    plan = build_plan(fpn, p.layers, lrpet_config(fpn_cfg), default_plan_hw(fpn, fpn_cfg))
     assert 0.5 <= plan.reached_macs_cut < 0.52 and plan.target_macs_cut == 0.5
     # the cut is a fraction of all of model.backbone's convs (what FlopCountAnalysis calls the backbone)
     assert plan.reference_macs > plan.macs_before > 0
@@ -198,7 +198,7 @@ def test_hook_schedule_storage_and_state():
         l.bn.running_var.uniform_(0.05, 0.2)
         l.bn.momentum = 0.0
     plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
-    hook = LRPETHook(model, layers, plan, LRPETConfig(interval=3))
+    hook = LRPETHook(model, LRPETConfig(interval=3), layers=layers, plan=plan)
     data = iter(lambda: torch.randn(2, 3, 8, 8), None)
     trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01))
     trainer.register_hooks([hook])
@@ -218,7 +218,7 @@ def test_hook_schedule_storage_and_state():
     torch.save(state, buf)  # plain data: round-trips through the weights-only loader
     assert torch.load(io.BytesIO(buf.getvalue()), weights_only=True) == state
     assert state["projector"] == {"last_iter": 7, "num_projections": 3} and state["plan"] == plan.to_dict()
-    fresh = LRPETHook(model, layers, plan, LRPETConfig(interval=3))
+    fresh = LRPETHook(model, LRPETConfig(interval=3), layers=layers, plan=plan)
     fresh.load_state_dict(state)
     assert fresh.projector.last_iter == 7 and not fresh.projector.should_project(7, is_last=True)
 
@@ -234,7 +234,7 @@ def test_hook_recomputes_bn_statistics_after_the_final_projection(precise_bn_ite
     config = LRPETConfig(interval=3, precise_bn_iters=precise_bn_iters)
     trainer = SimpleTrainer(model, iter(lambda: torch.randn(2, 3, 8, 8), None),
                             torch.optim.SGD(model.parameters(), lr=0.01))
-    trainer.register_hooks([LRPETHook(model, layers, plan, config)])
+    trainer.register_hooks([LRPETHook(model, config, layers=layers, plan=plan)])
     weights = []
     trainer.register_hooks([_AfterStep(lambda t: weights.append([l.conv.weight.clone() for l in layers]))])
     trainer.train(0, 7)
@@ -251,7 +251,7 @@ def test_hook_leaves_bn_statistics_to_detectron2s_precise_bn():
     plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
     data = iter(lambda: torch.randn(2, 3, 8, 8), None)
     trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01))
-    trainer.register_hooks([LRPETHook(model, layers, plan, LRPETConfig(interval=3, precise_bn_iters=3)),
+    trainer.register_hooks([LRPETHook(model, LRPETConfig(interval=3, precise_bn_iters=3), layers=layers, plan=plan),
                             hooks.PreciseBN(0, model, data, 5)])
     trainer.train(0, 7)
     # 7 training steps + PreciseBN's 5 batches (fvcore does not reset the counter); ours would have reset it to 3
@@ -281,6 +281,7 @@ def test_insert_before_checkpointer():
 
 
 # ---------------------------------------------------------------------------- real training run
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_projection_schedule_and_logging(run_a):
     out, _ = run_a
@@ -294,6 +295,7 @@ def test_projection_schedule_and_logging(run_a):
     assert "Evaluating voc_toy_2007_test using 2007 metric" in log
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_final_weights_low_rank_and_frozen_untouched(run_a):
     out, _ = run_a
@@ -315,6 +317,7 @@ def test_final_weights_low_rank_and_frozen_untouched(run_a):
         assert numerical_rank(sd[k]) == min(sd[k].shape[0], sd[k][0].numel())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_hook_runs_before_checkpointer(run_a):
     out, _ = run_a
@@ -326,6 +329,7 @@ def test_hook_runs_before_checkpointer(run_a):
         assert numerical_rank(ckpt["model"][name + ".weight"]) <= lp.rank, name
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_resume_matches_uninterrupted(run_a, toy_voc, tmp_path):
     """``--resume`` from the checkpoint after step 2 continues the schedule (projections at 4, 5 only,
@@ -353,6 +357,7 @@ def test_resume_matches_uninterrupted(run_a, toy_voc, tmp_path):
         assert numerical_rank(b[name + ".weight"]) == lp.rank
 
 
+@pytest.mark.slow
 def test_hook_resume_is_exact_in_simple_trainer():
     """The hook's state makes a resumed SimpleTrainer reproduce an uninterrupted one exactly."""
     def make():
@@ -362,7 +367,7 @@ def test_hook_resume_is_exact_in_simple_trainer():
         plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
         g = torch.Generator().manual_seed(1)
         data = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(9)]
-        return model, LRPETHook(model, layers, plan, LRPETConfig(interval=3)), data
+        return model, LRPETHook(model, LRPETConfig(interval=3), layers=layers, plan=plan), data
 
     def trainer_for(model, hook, data, start):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -398,6 +403,7 @@ def test_hook_resume_is_exact_in_simple_trainer():
 
 
 # ---------------------------------------------------------------------------- compression
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_compress_tool_reports_and_saves(compressed):
     path, text = compressed
@@ -409,6 +415,7 @@ def test_compress_tool_reports_and_saves(compressed):
     assert isinstance(ckpt["lrpet_plan"], dict) and ckpt["lrpet_factorized"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_compressed_loads_and_predicts_like_dense(run_a, compressed, toy_voc):
     """The factorised detector computes what the projected dense one computes: checked in float64 on the
@@ -445,6 +452,7 @@ def test_compressed_loads_and_predicts_like_dense(run_a, compressed, toy_voc):
     assert len(instances) > 0 and torch.isfinite(instances.pred_boxes.tensor).all()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_eval_only_compressed_any_meta_architecture(run_a, compressed, toy_voc, tmp_path):
     """``--eval-only`` builds the factorised model from the checkpoint's plan with the LRPET meta
@@ -460,6 +468,7 @@ def test_eval_only_compressed_any_meta_architecture(run_a, compressed, toy_voc, 
     assert all(0.0 <= v <= 100.0 for v in ap) and copypaste_ap(stock) == ap
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mismatched_checkpoints_are_clear_errors(run_a, compressed):
     out, _ = run_a

@@ -104,7 +104,7 @@ def _core_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
         # An error that does not name its layer (e.g. a LAPACK failure) is traced to the layer.
         import lrpet_dense.core.distributed as core_dist
-        real = core_dist._compute_layer_projections
+        real = core_dist.compute_layer_projections
 
         injected = next(l.name for l, o in zip(layers, owners) if o == 0)
         result["injected_layer"] = injected
@@ -117,14 +117,14 @@ def _core_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         with torch.no_grad():
             mods[bad].weight.copy_(result["after"][bad])
         result["before_injected"] = _weights(mods)
-        core_dist._compute_layer_projections = flaky
+        core_dist.compute_layer_projections = flaky
         try:
             project_(layers, CORE_RANKS)
             result["injected"] = None
         except DistributedProjectionError as e:
             result["injected"] = (str(e), e.layers)
         finally:
-            core_dist._compute_layer_projections = real
+            core_dist.compute_layer_projections = real
         result["after_injected"] = _weights(mods)
         result["owners"] = owners
 
@@ -290,6 +290,7 @@ def _d2_worker(devkit: str, out_dir: str) -> None:
     comm.synchronize()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_detectron2_hook_with_launch_ddp_ranks_identical(tmp_path):
     pytest.importorskip("detectron2")
@@ -384,6 +385,7 @@ custom_hooks = [
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_mmseg_runner_pytorch_launcher_ranks_identical(tmp_path):
     mmseg = pytest.importorskip("mmseg")

@@ -74,6 +74,7 @@ def _assert_same_state(resumed: dict, full: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ SIGKILL + resume
+@pytest.mark.slow
 def test_detectron2_sigkill_then_resume_equals_uninterrupted(d2_run, d2_toy_voc, tmp_path):
     pytest.importorskip("detectron2")
     full_dir, _ = d2_run
@@ -98,6 +99,7 @@ def test_detectron2_sigkill_then_resume_equals_uninterrupted(d2_run, d2_toy_voc,
     _assert_same_state(resumed["model"], full["model"])
 
 
+@pytest.mark.slow
 def test_mmseg_sigkill_then_resume_equals_uninterrupted(seg_run, seg_toy_data, tmp_path):
     pytest.importorskip("mmseg")
     wd = tmp_path / "killed"
@@ -112,7 +114,7 @@ def test_mmseg_sigkill_then_resume_equals_uninterrupted(seg_run, seg_toy_data, t
                           env=seg_env(seg_toy_data), cwd=wd, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-5000:]
     text = proc.stdout + proc.stderr
-    assert "keeping the checkpoint's plan" in text
+    assert "continuing with the checkpoint's plan" in text
     assert re.findall(r"LRPET projection (\d+) after iteration (\d+)", text) == [("2", "3")]
     full, resumed = _load(seg_run / "iter_3.pth"), _load(wd / "iter_3.pth")
     assert resumed["lrpet"] == full["lrpet"]
@@ -122,8 +124,8 @@ def test_mmseg_sigkill_then_resume_equals_uninterrupted(seg_run, seg_toy_data, t
 
 # ------------------------------------------------------------------------------ failing projection
 def _fail_on(layer_name: str, times: int = 1):
-    """A ``_compute_projection`` that raises for ``layer_name`` (the first ``times`` calls)."""
-    real = projection_mod._compute_projection
+    """A ``compute_projection`` that raises for ``layer_name`` (the first ``times`` calls)."""
+    real = projection_mod.compute_projection
     calls = {"n": 0}
 
     def fake(weight, rank, bn_scale, config, name="weight"):
@@ -157,7 +159,7 @@ def _d2_setup(on_error: str):
     model = _D2Model()
     layers = pair_convs(model).layers
     plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
-    hook = LRPETHook(model, layers, plan, LRPETConfig(interval=3, on_error=on_error))
+    hook = LRPETHook(model, LRPETConfig(interval=3, on_error=on_error), layers=layers, plan=plan)
 
     class Snapshot(HookBase):  # the weights right before the projection of each step
         def after_step(self):
@@ -171,10 +173,11 @@ def _d2_setup(on_error: str):
     return model, layers, plan, hook, trainer, snap
 
 
+@pytest.mark.slow
 def test_detectron2_failure_midway_raise_changes_nothing(monkeypatch):
     model, layers, _, _, trainer, snap = _d2_setup("raise")
     assert layers[4].name == "backbone.4"
-    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.4"))
+    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.4"))
     with pytest.raises(ProjectionError, match=r"after step 3 .*'backbone\.4'.*injected failure") as err:
         trainer.train(0, 7)
     assert err.value.iteration == 3 and trainer.iter == 2  # stopped in the step that projects
@@ -182,9 +185,10 @@ def test_detectron2_failure_midway_raise_changes_nothing(monkeypatch):
         assert torch.equal(v, snap.weights[k]), k
 
 
+@pytest.mark.slow
 def test_detectron2_failure_midway_skip_trains_on(monkeypatch, caplog):
     model, layers, plan, hook, trainer, _ = _d2_setup("skip")
-    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.4"))
+    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.4"))
     with caplog.at_level("ERROR", logger="lrpet_dense.core.schedule"):
         trainer.train(0, 7)
     assert trainer.iter == 7  # training went on to the end
@@ -219,11 +223,12 @@ def _seg_setup(on_error: str, max_iters: int = 4):
     return model, hook, runner
 
 
+@pytest.mark.slow
 def test_mmseg_failure_midway_raise_changes_nothing(monkeypatch):
     model, hook, runner = _seg_setup("raise")
-    assert hook._layers[4].name == "backbone.8"  # the fifth conv
+    assert hook.layers[4].name == "backbone.8"  # the fifth conv
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.8"))
+    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.8"))
     runner.iter = 1  # after iteration 2
     with pytest.raises(ProjectionError, match=r"after step 2 .*'backbone\.8'.*injected failure"):
         hook.after_train_iter(runner, 1)
@@ -232,10 +237,11 @@ def test_mmseg_failure_midway_raise_changes_nothing(monkeypatch):
     assert hook.projector.num_projections == 0
 
 
+@pytest.mark.slow
 def test_mmseg_failure_midway_skip_trains_on(monkeypatch, caplog):
     model, hook, runner = _seg_setup("skip")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(projection_mod, "_compute_projection", _fail_on("backbone.8"))
+    monkeypatch.setattr(projection_mod, "compute_projection", _fail_on("backbone.8"))
     runner.iter = 1
     with caplog.at_level("ERROR", logger="lrpet_dense.core.schedule"):
         hook.after_train_iter(runner, 1)  # fails, is logged, nothing changes
@@ -246,7 +252,7 @@ def test_mmseg_failure_midway_skip_trains_on(monkeypatch, caplog):
     runner.iter = 3  # the last iteration: projects (the injected failure was one-off)
     hook.after_train_iter(runner, 3)
     assert hook.projector.num_projections == 1 and hook.projector.last_iter == 4
-    for p in hook._layers:
+    for p in hook.layers:
         assert torch.linalg.matrix_rank(p.conv.weight.detach().reshape(16, -1)) == hook.plan[p.name].rank
 
 
@@ -260,7 +266,7 @@ def test_detectron2_nan_weights_reported_with_layer_and_step():
     model = _D2Model()
     layers = pair_convs(model).layers
     plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
-    hook = LRPETHook(model, layers, plan, LRPETConfig(interval=3))
+    hook = LRPETHook(model, LRPETConfig(interval=3), layers=layers, plan=plan)
     with torch.no_grad():
         model.backbone[2].weight[0, 0, 0, 0] = float("nan")
         model.backbone[3].weight[1, 1, 1, 1] = float("inf")
@@ -416,6 +422,7 @@ def _save_plain(state, out, rank) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_rng_state_hook_two_workers(tmp_path):
     """Each worker gets its own RNG streams back from the (main process's) checkpoint state."""
     pytest.importorskip("detectron2")

@@ -83,6 +83,7 @@ def _load(path) -> dict:
 
 
 # -- training ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_projection_at_interval_and_end(train_run):
     scalars = [json.loads(l) for f in glob.glob(str(train_run / "*" / "vis_data" / "scalars.json"))
                for l in open(f)]
@@ -94,6 +95,7 @@ def test_projection_at_interval_and_end(train_run):
         assert key in last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["iter_2.pth", "iter_3.pth"])
 def test_checkpointed_weights_are_low_rank(train_run, name):
     ckpt = _load(train_run / name)  # stock mmengine checkpoints load weights_only (lrpet_dense.mmseg allow-lists)
@@ -113,12 +115,14 @@ def test_checkpointed_weights_are_low_rank(train_run, name):
     assert _effective_rank(w) == min(w.shape[0], w[0].numel())
 
 
+@pytest.mark.slow
 def test_iou_metric_ran(train_run):
     scalars = [json.loads(l) for f in glob.glob(str(train_run / "*" / "vis_data" / "scalars.json"))
                for l in open(f)]
     assert any("mIoU" in s for s in scalars)
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(train_run, toy_data, tmp_path):
     from mmengine.runner import Runner
 
@@ -135,6 +139,7 @@ def test_resume_matches_uninterrupted_run(train_run, toy_data, tmp_path):
 
 
 # -- compression and inference ----------------------------------------------------------------
+@pytest.mark.slow
 def test_compress_tool_reports_complexity(compressed):
     _, out = compressed
     assert "get_model_complexity_info" in out
@@ -143,6 +148,7 @@ def test_compress_tool_reports_complexity(compressed):
     assert "factorised 54 of 54" in out and "logits checked against the dense model in float64" in out
 
 
+@pytest.mark.slow
 def test_compressed_checkpoint_loads_with_init_model(compressed, train_run, toy_data):
     """The factorised segmentor computes what the projected dense one computes: logits (``mode='tensor'``,
     before the argmax) compared in float64, so it holds on any CPU. ``inference_model`` is a smoke test."""
@@ -179,6 +185,7 @@ def test_compressed_checkpoint_loads_with_init_model(compressed, train_run, toy_
     assert result.pred_sem_seg.data.shape[-2:] == result.seg_logits.data.shape[-2:]
 
 
+@pytest.mark.slow
 def test_dense_compressed_mismatch_is_an_error(compressed, train_run, toy_data):
     from mmseg.registry import MODELS
 
@@ -191,6 +198,7 @@ def test_dense_compressed_mismatch_is_an_error(compressed, train_run, toy_data):
         fact.load_state_dict(_load(train_run / "iter_3.pth")["state_dict"])
 
 
+@pytest.mark.slow
 def test_mmseg_test_tool_runs_compressed_checkpoint(compressed, toy_data, train_run):
     path, _ = compressed
     proc = _run([MMSEG_TOOLS / "test.py", TOY_CFG, path, "--work-dir", train_run / "test_wd"], _env(toy_data),

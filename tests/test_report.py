@@ -145,6 +145,7 @@ def d2_report(d2_run, d2_toy_voc, tmp_path_factory):
     return out, compressed, work / "report", text
 
 
+@pytest.mark.slow
 def test_d2_report_files(d2_report):
     _, _, rep, text = d2_report
     assert (rep / "report.md").read_text() in text  # printed at the end
@@ -152,6 +153,7 @@ def test_d2_report_files(d2_report):
         assert_png(rep / f"{kind}.png")
 
 
+@pytest.mark.slow
 def test_d2_report_numbers_are_measured(d2_report, d2_toy_voc):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
@@ -210,6 +212,7 @@ def seg_report(seg_run, seg_toy_data, tmp_path_factory):
     return seg_run, compressed, work / "report", text
 
 
+@pytest.mark.slow
 def test_seg_report_files(seg_report):
     _, _, rep, text = seg_report
     assert (rep / "report.md").read_text() in text
@@ -217,6 +220,7 @@ def test_seg_report_files(seg_report):
         assert_png(rep / f"{kind}.png")
 
 
+@pytest.mark.slow
 def test_seg_report_numbers_are_measured(seg_report, seg_toy_data):
     from unittest import mock
 

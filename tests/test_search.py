@@ -49,6 +49,7 @@ def _trials(db: Path):
         return con.execute("select number, state from trials order by number").fetchall()
 
 
+@pytest.mark.slow
 def test_seg_search_runs_resumes_and_reports(seg_toy_data, tmp_path):
     env = {"LRPET_TOY_VOC_ROOT": str(seg_toy_data)}
     out = tmp_path / "search"
@@ -77,6 +78,7 @@ def test_seg_search_runs_resumes_and_reports(seg_toy_data, tmp_path):
         assert stage in report
 
 
+@pytest.mark.slow
 def test_det_search_two_trials(d2_toy_voc, tmp_path):
     out = tmp_path / "search"
     code, text = _run([CLI, "search", "det", "--config", D2_TOY_CFG, "--out", out, "--trials", "2", "--trial-iters", "2",
@@ -86,6 +88,7 @@ def test_det_search_two_trials(d2_toy_voc, tmp_path):
     assert "backbone.res3.*" in (out / "search.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, match", [
     (["--lambda", "-1"], "lambda must be a finite number >= 0"),
     (["--max-size", "0.01"], "no plan can meet the budget"),
@@ -99,6 +102,7 @@ def test_seg_search_bad_input(seg_toy_data, tmp_path, extra, match):
     assert not list(tmp_path.glob("trial_*"))  # refused before any training
 
 
+@pytest.mark.slow
 def test_det_search_without_lrpet_is_refused(d2_toy_voc, tmp_path):
     code, text = _run([CLI, "search", "det", "--config", D2_TOY_CFG, "--out", tmp_path, "--trials", "1",
                        *D2_TINY, "LRPET.ENABLED", "False"], {"LRPET_TOY_VOC": d2_toy_voc})

@@ -88,7 +88,7 @@ def test_surgery_is_undone_when_a_swap_fails(monkeypatch):
     _low_rank_(net, ranks)
     before = {n: net.get_submodule(n) for n in ranks}
     laterals, pair, hidden = list(net.laterals), net.pair, net.__dict__["hidden"]
-    real = factorize_module._replace_everywhere
+    real = factorize_module.replace_everywhere
     calls = []
 
     def flaky(root, old, new, undo):
@@ -98,7 +98,7 @@ def test_surgery_is_undone_when_a_swap_fails(monkeypatch):
             raise RuntimeError("injected failure after a partial swap")
         return count
 
-    monkeypatch.setattr(factorize_module, "_replace_everywhere", flaky)
+    monkeypatch.setattr(factorize_module, "replace_everywhere", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         factorize_(net, ranks)
     assert {n: net.get_submodule(n) for n in ranks} == before

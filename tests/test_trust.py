@@ -62,6 +62,7 @@ def fpn_run(d2_toy_voc, tmp_path_factory):
     return out, compressed, log, text
 
 
+@pytest.mark.slow
 def test_fpn_selection_projects_resnet_and_fpn_convs(fpn_run):
     from lrpet_dense.detectron2 import plan_from_checkpoint
 
@@ -75,6 +76,7 @@ def test_fpn_selection_projects_resnet_and_fpn_convs(fpn_run):
     assert 0.5 <= plan.reached_macs_cut < 0.52
 
 
+@pytest.mark.slow
 def test_fpn_compress_counts_and_replaces_the_fpn_lists(fpn_run):
     from lrpet_dense.core import FactorizedConv2d
     from lrpet_dense.detectron2.deploy import load_model
@@ -88,6 +90,7 @@ def test_fpn_compress_counts_and_replaces_the_fpn_lists(fpn_run):
     assert fpn.lateral_convs[-1] is fpn.fpn_lateral2 and fpn.output_convs[0] is fpn.fpn_output5
 
 
+@pytest.mark.slow
 def test_fpn_factorised_equals_dense_in_float64(fpn_run, d2_toy_voc):
     from detectron2.data.detection_utils import read_image
 
@@ -106,6 +109,7 @@ def test_fpn_factorised_equals_dense_in_float64(fpn_run, d2_toy_voc):
     assert {k for k in errors if k.startswith("backbone.")} == {f"backbone.p{i}" for i in range(2, 7)}
 
 
+@pytest.mark.slow
 def test_fpn_eval_only_with_stock_meta_architecture(fpn_run, d2_toy_voc, tmp_path):
     out, compressed, _, _ = fpn_run
     base = ["tools/train_det.py", "--config", FPN_TOY_CFG, "--eval-only", *D2_TINY, "MODEL.WEIGHTS", compressed]
@@ -116,6 +120,7 @@ def test_fpn_eval_only_with_stock_meta_architecture(fpn_run, d2_toy_voc, tmp_pat
     assert ap[0] == ap[1]  # the same factorised computation under either type
 
 
+@pytest.mark.slow
 def test_fpn_report(fpn_run, d2_toy_voc, tmp_path):
     out, compressed, _, _ = fpn_run
     run_tool(["tools/report.py", "det", "--config", FPN_TOY_CFG, "--checkpoint", out / "model_final.pth",
@@ -128,14 +133,16 @@ def test_fpn_report(fpn_run, d2_toy_voc, tmp_path):
 
 
 # =============================================================================== training from compressed
+@pytest.mark.slow
 def test_d2_lrpet_training_from_compressed_is_refused(d2_small_ckpts, d2_toy_voc, tmp_path):
     compressed, _ = d2_small_ckpts
     code, text = run_failing(["tools/train_det.py", "--config", D2_TOY_CFG, *D2_TINY, "MODEL.WEIGHTS", compressed,
                               "OUTPUT_DIR", tmp_path], {"LRPET_TOY_VOC": d2_toy_voc})
-    assert "LRPET training needs dense weights" in text and "compressed (factorised)" in text
+    assert "LRPET training needs a dense model, but the model is factorised" in text and "LRPET.ENABLED False" in text
     assert not (tmp_path / "model_final.pth").exists()
 
 
+@pytest.mark.slow
 def test_seg_load_from_compressed_with_hook_is_refused(seg_small_ckpts, seg_toy_data, tmp_path):
     compressed, _ = seg_small_ckpts
     code, text = run_failing([mmseg_tools() / "train.py", SEG_TOY_CFG, "--work-dir", tmp_path, "--cfg-options",
@@ -183,6 +190,7 @@ def test_training_a_model_factorised_while_loading_is_an_error(d2_small_ckpts, s
         MODELS.build(cfg.model)
 
 
+@pytest.mark.slow
 def test_seg_fine_tune_compressed_model_with_mmseg_train_tool(seg_small_ckpts, seg_toy_data, tmp_path):
     """Decompose-then-fine-tune through mmseg's own tools/train.py: factorized_from + load_from, no hook."""
     import lrpet_dense.mmseg  # noqa: F401
@@ -210,6 +218,7 @@ def _miou(text: str) -> str:
     return re.findall(r"mIoU: ([\d.]+)", text)[-1]
 
 
+@pytest.mark.slow
 def test_seg_test_tool_stock_encoder_decoder_with_hook(seg_run, seg_toy_data, tmp_path):
     """mmseg's own tools/test.py, stock ``EncoderDecoder`` + the hook in the config: the compressed
     checkpoint is built factorised (no unexpected keys) and evaluates exactly as with LRPETEncoderDecoder."""
@@ -230,6 +239,7 @@ def test_seg_test_tool_stock_encoder_decoder_with_hook(seg_run, seg_toy_data, tm
 
 
 # =============================================================================== not low-rank: refuse or --project
+@pytest.mark.slow
 def test_compress_tools_refuse_weights_that_are_not_low_rank(d2_toy_voc, seg_toy_data, tmp_path):
     """A dense checkpoint with no LRPET plan: both tools name the missing plan, then the missing --project,
     and with both they project, factorise and check."""

@@ -18,7 +18,9 @@ first (a one-shot truncation: LRPET training does better). The factorised model'
 checked against the dense model's in float64 before anything is written. Params and MACs of the
 backbone and the whole model, before and after, are counted by the framework's own counter
 (detectron2 ``FlopCountAnalysis``, ``mmengine.analysis.get_model_complexity_info``) on one
-``--input-size`` input (default: the config's test size / crop size). Bad input: one ``error:`` line
+``--input-size`` input (default: the config's test size / crop size); ``--input-size`` changes only
+that count, in both frameworks (a new plan is made at the config's ``plan_input_size``, else the
+default size). Bad input: one ``error:`` line
 on stderr and exit status 2.
 """
 from __future__ import annotations
@@ -45,7 +47,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help="project the planned convs onto their rank before factorising (one-shot truncation), "
                         "for weights that are not already low-rank")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="input size of the MAC count (default: the config's test size / crop size)")
+                   help="input size of the params/MACs count only (default: the config's test size / crop size); "
+                        "a new plan's input size is the config's plan_input_size (LRPET.PLAN_INPUT_SIZE)")
 
 
 def add_parser(sub) -> None:
@@ -126,9 +129,8 @@ def _print_complexity(before, after, hw: Tuple[int, int], counter: str) -> None:
 def _compress_det(args) -> int:
     from detectron2.utils.logger import setup_logger
 
-    from lrpet_dense.detectron2 import (build_plan, compress_model_, count_complexity, load_model,
+    from lrpet_dense.detectron2 import (build_plan, compress_model_, count_complexity, default_plan_hw, load_model,
                                         lrpet_config, pair_convs, plan_from_checkpoint, save_compressed)
-    from lrpet_dense.detectron2.hook import default_plan_hw
 
     setup_logger(name="lrpet_dense")
     logger = setup_logger(name="detectron2")
@@ -136,9 +138,9 @@ def _compress_det(args) -> int:
     config = lrpet_config(cfg).replace(**_config_changes(args))
     model, ckpt = load_model(cfg, args.checkpoint, dense_only=True)
     plan, source = _choose_plan(args, plan_from_checkpoint(ckpt), lambda: build_plan(
-        model, pair_convs(model, config).layers, config, default_plan_hw(cfg)))
+        model, pair_convs(model, config).layers, config, default_plan_hw(model, cfg)))
     logger.info("LRPET plan (%s):\n%s", source, plan.format_table())
-    hw = tuple(args.input_size) if args.input_size else default_plan_hw(cfg)
+    hw = tuple(args.input_size) if args.input_size else default_plan_hw(model, cfg)
     before = None if args.no_flops else count_complexity(model, hw)
     names = compress_model_(model, plan, project=args.project, config=config)
     after = None if args.no_flops else count_complexity(model, hw)
@@ -153,7 +155,6 @@ def _compress_det(args) -> int:
 
 def _compress_seg(args) -> int:
     import lrpet_dense.mmseg as lm
-    from lrpet_dense.mmseg.hook import default_plan_hw
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = seg_config(args.config, args.cfg_options)
@@ -165,9 +166,9 @@ def _compress_seg(args) -> int:
         from lrpet_dense.core import LRPETConfig
 
         config = LRPETConfig(**changes)
-    hw = tuple(args.input_size) if args.input_size else default_plan_hw(model)
     plan, source = _choose_plan(args, lm.plan_from_checkpoint(ckpt), lambda: lm.build_plan(
-        model, lm.pair_convs(model, config).layers, config, hw))
+        model, lm.pair_convs(model, config).layers, config, lm.default_plan_hw(model, cfg)))
+    hw = tuple(args.input_size) if args.input_size else lm.default_plan_hw(model, cfg)
     print(f"rank plan ({source}):\n{plan.format_table()}")
     before = lm.count_complexity(model, hw)
     names = lm.compress_model_(model, plan, project=args.project, config=config)

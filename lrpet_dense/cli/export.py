@@ -94,14 +94,13 @@ def _report(result: dict, path: str, model, multiple: int) -> int:
 
 
 def _export_det(args) -> int:
-    from lrpet_dense.detectron2 import export_onnx, load_model, to_inference_
-    from lrpet_dense.detectron2.hook import default_plan_hw
+    from lrpet_dense.detectron2 import default_plan_hw, export_onnx, load_model, to_inference_
 
     from .common import det_config
 
     cfg = det_config(args.config_file, args.opts)
     model, _ = load_model(cfg, args.checkpoint)
-    hw = tuple(args.input_size) if args.input_size else default_plan_hw(cfg)
+    hw = tuple(args.input_size) if args.input_size else default_plan_hw(model, cfg)
     if not args.keep_bn:
         to_inference_(model)
     return _report(export_onnx(model, args.output, hw, align_ranks=args.align_ranks), args.output, model,
@@ -109,14 +108,13 @@ def _export_det(args) -> int:
 
 
 def _export_seg(args) -> int:
-    from lrpet_dense.mmseg import export_onnx, load_model, to_inference_
-    from lrpet_dense.mmseg.hook import default_plan_hw
+    from lrpet_dense.mmseg import default_plan_hw, export_onnx, load_model, to_inference_
 
     from .common import seg_config
 
     cfg = seg_config(args.config, args.cfg_options)
     model, _ = load_model(cfg, args.checkpoint)
-    hw = tuple(args.input_size) if args.input_size else default_plan_hw(model)
+    hw = tuple(args.input_size) if args.input_size else default_plan_hw(model, cfg)
     if not args.keep_bn:
         to_inference_(model)
     return _report(export_onnx(model, args.output, hw, align_ranks=args.align_ranks), args.output, model,

@@ -5,9 +5,11 @@ The detectron2 way (as ``projects/DeepLab/train_net.py``)::
     lrpet-dense train-det --config configs/faster_rcnn_lrpet.yaml [--num-gpus N] [--resume] [--eval-only] [KEY VALUE ...]
     python tools/train_det.py --config configs/faster_rcnn_lrpet.yaml ...   # the same
 
-``--config`` and detectron2's own ``--config-file`` are the same option. With ``LRPET.ENABLED`` the
-:class:`~lrpet_dense.detectron2.LRPETHook` is placed before the ``PeriodicCheckpointer``, so every
-checkpoint and ``model_final.pth`` are exactly low-rank. ``--eval-only MODEL.WEIGHTS compressed.pth``
+``--config`` and detectron2's own ``--config-file`` are the same option. The trainer is
+:class:`~lrpet_dense.detectron2.LRPETTrainer` (what makes LRPET training correct lives there, for every
+trainer) with VOC/COCO evaluators. With ``LRPET.ENABLED`` the :class:`~lrpet_dense.detectron2.LRPETHook`
+is placed before the ``PeriodicCheckpointer``, so every checkpoint and ``model_final.pth`` are exactly
+low-rank. ``--eval-only MODEL.WEIGHTS compressed.pth``
 evaluates a checkpoint written by ``lrpet-dense compress det``, whatever ``MODEL.META_ARCHITECTURE``;
 a compressed ``MODEL.WEIGHTS`` with ``LRPET.ENABLED False`` fine-tunes the factorised model.
 
@@ -16,61 +18,24 @@ Datasets: the VOC configs use detectron2's builtin ``voc_2007_*``/``voc_2012_*``
 lrpet_dense.data.toy_voc OUT``), ``voc_toy_2007_*`` / ``voc_toy3_2007_*`` are registered for the toy configs.
 """
 import argparse
-import logging
 import os
 from typing import List, Optional
 
-import torch
-
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
+from detectron2.data import MetadataCatalog
+from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
 from detectron2.utils.logger import setup_logger
 
-from lrpet_dense.core import enable_compressed_loading_, factorize_
-from lrpet_dense.core.factorize import model_plan
-from lrpet_dense.detectron2 import (CompressedAwareCheckpointer, LRPETHook, RNGStateHook, add_lrpet_config,
-                                    insert_before_checkpointer, register_toy_voc_from_env, unwrap_model)
-from lrpet_dense.detectron2.deploy import compressed_plan_of
+from lrpet_dense.detectron2 import (CompressedAwareCheckpointer, LRPETTrainer, add_lrpet_config,
+                                    register_toy_voc_from_env)
 from lrpet_dense.io import check_checkpoint_file
-from lrpet_dense.rng import preserved_rng_state
 
 
-class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with VOC/COCO evaluators, the LRPET hook, and exact ``--resume``.
-
-    Exact resume (see :mod:`lrpet_dense.detectron2.rng`): an :class:`RNGStateHook` checkpoints the
-    RNG states, the training loader has its own seeded generator, and evaluation leaves the global
-    RNG streams where it found them.
-    """
-
-    @classmethod
-    def build_model(cls, cfg):
-        # Compressed checkpoints load into their factorised structure whatever MODEL.META_ARCHITECTURE is.
-        model = enable_compressed_loading_(super().build_model(cfg))
-        # A compressed MODEL.WEIGHTS: build its factorised convs now, before the optimizer and DDP are
-        # built around the model, so that fine-tuning trains them.
-        plan = compressed_plan_of(cfg.MODEL.WEIGHTS)
-        if plan is not None:
-            names = factorize_(model, plan, from_weights=False)
-            logging.getLogger("lrpet_dense").info(
-                "LRPET: MODEL.WEIGHTS is a compressed checkpoint: built its %d factorised convs (plan p=%g) "
-                "before loading it", len(names), plan.ratio)
-        return model
-
-    @classmethod
-    def build_train_loader(cls, cfg):
-        # The loader's own generator (not the global torch RNG) draws its workers' base seed when
-        # its iterator is created, which a resumed run does at another step than the original.
-        seed = cfg.SEED + comm.get_rank() if cfg.SEED >= 0 else int(torch.randint(2 ** 31, ()))
-        return build_detection_train_loader(cfg, seed=seed)
-
-    @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        with preserved_rng_state():  # evaluating must not shift the training steps' random draws
-            return super().test(cfg, model, evaluators)
+class Trainer(LRPETTrainer):
+    """:class:`~lrpet_dense.detectron2.LRPETTrainer` (LRPET, compressed-checkpoint guards, exact
+    ``--resume``) with VOC/COCO evaluators."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -80,30 +45,6 @@ class Trainer(DefaultTrainer):
         if evaluator_type == "coco":
             return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
         raise NotImplementedError(f"no evaluator for dataset {dataset_name!r} of type {evaluator_type!r}")
-
-    def build_hooks(self):
-        ret = super().build_hooks()
-        if self.cfg.LRPET.ENABLED and model_plan(unwrap_model(self.model)) is not None:
-            raise ValueError(f"LRPET training needs dense weights, but MODEL.WEIGHTS={self.cfg.MODEL.WEIGHTS!r} is a "
-                             "compressed (factorised) checkpoint; train from the dense checkpoint it was made from "
-                             "(e.g. model_final.pth), or set LRPET.ENABLED False to fine-tune the factorised model")
-        if self.cfg.LRPET.ENABLED:
-            insert_before_checkpointer(ret, LRPETHook.from_config(self.cfg, self.model))
-        # Right before the checkpointer (after PreciseBN, which draws random numbers when it runs).
-        rng_hook = RNGStateHook(self.cfg.SOLVER.CHECKPOINT_PERIOD, self.cfg.SOLVER.MAX_ITER)
-        at = [i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))]
-        ret.insert(at[0] if at else len(ret), rng_hook)
-        return ret
-
-    def resume_or_load(self, resume=True):
-        model = unwrap_model(self.model)
-        built_dense = model_plan(model) is None
-        super().resume_or_load(resume=resume)
-        if built_dense and model_plan(model) is not None:
-            raise ValueError("the checkpoint loaded for training is compressed (factorised), but the model was built "
-                             "dense, so the optimizer does not hold the factorised layers; give the compressed "
-                             "checkpoint as MODEL.WEIGHTS (it is then built factorised before the optimizer), or "
-                             "train from a dense checkpoint")
 
 
 def setup(args):

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from .config import LRPETConfig
-from .factorize import FactorizedConv2d, PointwiseConv2d, _is_pointwise, _replace_everywhere
+from .factorize import FactorizedConv2d, PointwiseConv2d, is_pointwise, replace_everywhere
 from .macs import factorization_saves, full_rank
-from .projection import ConvBN, _bn_scale
+from .projection import ConvBN, bn_scale
 from .verify import transform_checked_
 
 __all__ = ["fold_bn_", "to_inference_layout_", "to_inference_checked_", "unaligned_ranks", "align_ranks_",
@@ -44,7 +44,7 @@ FOLDED_ATTR = "_lrpet_bn_folded"
 
 def _fold_into(conv: nn.Conv2d, bn: nn.Module, name: str) -> None:
     """``bn(conv(x)) == conv'(x)``: scale the output rows of ``conv`` and give it the folded bias."""
-    scale = _bn_scale(bn, name)  # float64: gamma / sqrt(var + eps)
+    scale = bn_scale(bn, name)  # float64: gamma / sqrt(var + eps)
     mean = bn.running_mean.detach().double()
     beta = bn.bias.detach().double() if getattr(bn, "bias", None) is not None else torch.zeros_like(mean)
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(mean)
@@ -87,7 +87,7 @@ def fold_bn_(model: nn.Module, layers: Sequence[ConvBN]) -> List[str]:
         todo.append((name, conv, bn))
     undo: list = []
     for name, conv, bn in todo:  # every reference to the BN becomes Identity (atomic with the folds below)
-        _replace_everywhere(model, bn, nn.Identity(), undo)
+        replace_everywhere(model, bn, nn.Identity(), undo)
     for name, conv, bn in todo:
         target = conv.conv_b if isinstance(conv, FactorizedConv2d) else conv
         _fold_into(target, bn, name)
@@ -186,7 +186,7 @@ def _plain_pointwise(m: nn.Module, conv_types: Tuple[type, ...]) -> bool:
         norm = getattr(m, "norm", None)
         if not (norm is None or isinstance(norm, nn.Identity)) or getattr(m, "activation", None) is not None:
             return False
-    return m.groups == 1 and _is_pointwise(m.kernel_size, m.stride, m.padding, m.dilation, m.padding_mode)
+    return m.groups == 1 and is_pointwise(m.kernel_size, m.stride, m.padding, m.dilation, m.padding_mode)
 
 
 def to_inference_layout_(model: nn.Module, conv_types: Tuple[type, ...] = ()) -> nn.Module:

@@ -1,8 +1,10 @@
-"""LRPET projection under ``torch.distributed``: the work is shared, every rank ends bit-identical.
+"""Projecting a model's layers in place: :func:`project_`, shared over the ranks of a distributed job.
 
-Projecting independently on every rank is not safe: BN running statistics differ across ranks
+:func:`project_` computes every planned layer's new weight (:mod:`lrpet_dense.core.projection`, the
+single-process maths) and writes them all only when every layer succeeded. Under ``torch.distributed``
+the work is shared and every rank ends bit-identical. Projecting independently on every rank is not safe: BN running statistics differ across ranks
 (both detectron2 and mmengine wrap with ``broadcast_buffers=False``), and eigensolvers need not
-give bit-identical results on different devices. :func:`project_layers_distributed_` instead
+give bit-identical results on different devices. the distributed path instead
 
 1. assigns each planned layer to one rank, balancing the cost (greedy, largest first, by
    ``n*d*m + m^3`` for an ``n x d`` matrix of rank ``m``), so projection time falls with the
@@ -17,7 +19,7 @@ give bit-identical results on different devices. :func:`project_layers_distribut
    copies them in place on every rank (same ``Parameter`` objects, so optimizers and DDP keep
    tracking them).
 
-:func:`~lrpet_dense.core.project_` takes this path by itself in a distributed job.
+:func:`project_` takes this path by itself in a distributed job.
 
 Example (in every process of a job started with ``torchrun`` or detectron2's ``launch``)::
 
@@ -36,10 +38,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import LRPETConfig
-from .projection import ConvBN, LayerStats, _compute_layer_projections, layer_cost, plan_ranks
+from .projection import ConvBN, LayerStats, compute_layer_projections, layer_cost, plan_ranks, write_projections_
 from .rank import RankPlan
 
-__all__ = ["DistributedProjectionError"]
+__all__ = ["project_", "DistributedProjectionError"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +148,48 @@ def _named_layer(exc: BaseException, names: Sequence[str]) -> Optional[str]:
     return next((n for n in names if repr(n) in text or f'"{n}"' in text), None)
 
 
+def project_(
+    layers: Sequence[ConvBN],
+    plan: Union[RankPlan, Mapping[str, int]],
+    config: Optional[LRPETConfig] = None,
+    *,
+    distributed: Optional[bool] = None,
+    group=None,
+) -> List[LayerStats]:
+    """Project every planned layer in place, atomically; shared over the ranks of a distributed job.
+
+    All new weights are computed first (on CPU, several layers at a time); they are written (into
+    the same ``Parameter`` objects, so optimizers and DDP keep tracking them) only when every layer
+    succeeded. An error on any layer leaves every layer unchanged and names the layer.
+
+    In a distributed job (an initialised process group with more than one process) every rank must
+    call this with the same layers and plan: each layer is projected by one owner rank, with rank
+    0's BN statistics, and broadcast, so all ranks end bit-identical (see this module's
+    docs); a failure on any rank changes nothing on any rank.
+
+    Args:
+        layers: ``(name, conv, bn)`` triples from a framework adapter; layers not in ``plan`` are skipped.
+        plan: a :class:`RankPlan` or ``{name: rank}``. Every planned name must be in ``layers``.
+        config: ``energy_transfer``, ``bn_rectification``, ``ridge`` and ``residual`` come from it.
+            Defaults to ``LRPETConfig()``.
+        distributed: share the work over the process group. Defaults to None: when one is
+            initialised with more than one process.
+        group: the process group. Defaults to None (the default group).
+
+    Returns:
+        One :class:`LayerStats` per projected layer, in ``layers`` order (the same on every rank).
+    """
+    config = config or LRPETConfig()
+    if distributed is None or distributed:
+        if _is_distributed(group):
+            return _project_distributed(layers, plan, config, group)
+        if distributed:
+            raise ValueError("project_(distributed=True) needs an initialised process group with more than one process")
+    results = compute_layer_projections(layers, plan, config)
+    write_projections_(results)
+    return [s for _, _, s in results]
+
+
 def _project_distributed(layers: Sequence[ConvBN], plan: Union[RankPlan, Mapping[str, int]], config: LRPETConfig,
                          group=None) -> List[LayerStats]:
     """Project every planned layer in place on every rank, sharing the work; bit-identical results.
@@ -230,14 +274,14 @@ def _compute_mine(todo, mine, bn_for, plan, config: LRPETConfig, me: int):
     if isinstance(plan, RankPlan):  # keeps the per-layer shape check against the plan
         sub_plan = dataclasses.replace(plan, layers={n: plan.layers[n] for n in sub_ranks})
     try:
-        return _compute_layer_projections(sub_layers, sub_plan, config), None, None
+        return compute_layer_projections(sub_layers, sub_plan, config), None, None
     except Exception as e:  # noqa: BLE001 - every error must reach the other ranks
         names = [l.name for l in sub_layers]
         failed_layer = _named_layer(e, names)
         if failed_layer is None:  # an error that does not say which layer: find it, one layer at a time
             for layer in sub_layers:
                 try:
-                    _compute_layer_projections([layer], {layer.name: sub_ranks[layer.name]}, config)
+                    compute_layer_projections([layer], {layer.name: sub_ranks[layer.name]}, config)
                 except Exception:  # noqa: BLE001
                     failed_layer = layer.name
                     break

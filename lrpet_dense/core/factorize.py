@@ -75,7 +75,7 @@ class PointwiseConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def _is_pointwise(kernel_size, stride, padding, dilation, padding_mode: str) -> bool:
+def is_pointwise(kernel_size, stride, padding, dilation, padding_mode: str) -> bool:
     pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
     return (pair(kernel_size) == (1, 1) and pair(stride) == (1, 1) and pair(padding) == (0, 0)
             and pair(dilation) == (1, 1) and padding_mode == "zeros")
@@ -99,7 +99,7 @@ class FactorizedConv2d(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        if _is_pointwise(kernel_size, stride, padding, dilation, padding_mode):
+        if is_pointwise(kernel_size, stride, padding, dilation, padding_mode):
             self.conv_a = PointwiseConv2d(in_channels, rank, bias=False)
         else:
             self.conv_a = nn.Conv2d(in_channels, rank, kernel_size, stride=stride, padding=padding,
@@ -221,7 +221,7 @@ def _replace_in(container, key, value, old: nn.Module, new: nn.Module, undo: lis
     return 0
 
 
-def _replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module, undo: list) -> int:
+def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module, undo: list) -> int:
     """Replace every reference to ``old`` that a module of ``root`` holds by ``new``; returns how many.
 
     Covers registered children (under any number of names) and plain attributes, including lists,
@@ -286,7 +286,7 @@ def _surgery(model: nn.Module, plan: Union[RankPlan, Dict[str, int]],
     undo: list = []
     try:
         for name, old, new in todo:
-            _replace_everywhere(model, old, new, undo)
+            replace_everywhere(model, old, new, undo)
         present = {id(m) for m in model.modules()}
         stale = [name for name, old, _ in todo if id(old) in present]
         if stale:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .config import LRPETConfig
 from .rank import RankPlan
 
-__all__ = ["ConvBN", "LayerStats", "lrpet_project", "project_"]
+__all__ = ["ConvBN", "LayerStats", "lrpet_project"]  # project_ (in place, shared over ranks): .distributed
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class LayerStats:
     rel_change: float
 
 
-def _bn_scale(bn: nn.Module, name: str = "") -> Tensor:
+def bn_scale(bn: nn.Module, name: str = "") -> Tensor:
     """``gamma / sqrt(running_var + eps)`` of a BatchNorm-like module (BN, SyncBN, FrozenBN).
 
     Uses the running statistics, never batch statistics.
@@ -222,7 +222,7 @@ def _project_matrix(M: Tensor, k: int, energy_transfer: bool, residual: float, t
     return Mk * alpha + residual * (M - Mk), kept / total
 
 
-def _compute_projection(
+def compute_projection(
     weight: Tensor,
     rank: int,
     bn_scale: Optional[Tensor],
@@ -283,7 +283,7 @@ def lrpet_project(weight: Tensor, rank: int, *, bn_scale: Optional[Tensor] = Non
     Returns:
         The new weight, same shape and dtype as ``weight``.
     """
-    return _compute_projection(weight, rank, bn_scale, config or LRPETConfig())[0]
+    return compute_projection(weight, rank, bn_scale, config or LRPETConfig())[0]
 
 
 def layer_cost(shape: Sequence[int]) -> int:
@@ -357,7 +357,7 @@ def plan_ranks(layers: Sequence[ConvBN], plan: Union[RankPlan, Mapping[str, int]
     return ranks
 
 
-def _compute_layer_projections(
+def compute_layer_projections(
     layers: Sequence[ConvBN],
     plan: Union[RankPlan, Mapping[str, int]],
     config: LRPETConfig,
@@ -380,12 +380,12 @@ def _compute_layer_projections(
         if isinstance(plan, RankPlan) and tuple(plan[name].shape) != tuple(w.shape) + (1,) * (4 - w.dim()):
             raise ValueError(f"layer {name!r}: weight shape {tuple(w.shape)} differs from the plan's "
                              f"{plan[name].shape}")
-        scale = _bn_scale(bn, name) if (config.bn_rectification and bn is not None) else None
+        scale = bn_scale(bn, name) if (config.bn_rectification and bn is not None) else None
         todo.append((layer, w, ranks[name], scale))
 
     def one(w: Tensor, layer: ConvBN, rank: int, scale: Optional[Tensor]):
         try:
-            new, kept = _compute_projection(w, rank, scale, config, name=layer.name)
+            new, kept = compute_projection(w, rank, scale, config, name=layer.name)
         except Exception as e:  # e.g. an eigensolver failure: say which layer it was
             if repr(layer.name) in str(e):
                 raise
@@ -404,54 +404,10 @@ def _compute_layer_projections(
     return _map_layers(one, [(w, layer, r, a) for layer, w, r, a in todo], [layer_cost(t[1].shape) for t in todo])
 
 
-def _write_(results: Sequence[Tuple[ConvBN, Tensor, LayerStats]]) -> None:
+def write_projections_(results: Sequence[Tuple[ConvBN, Tensor, LayerStats]]) -> None:
     with torch.no_grad():
         for layer, new, _ in results:
             layer.conv.weight.copy_(new)
-
-
-def project_(
-    layers: Sequence[ConvBN],
-    plan: Union[RankPlan, Mapping[str, int]],
-    config: Optional[LRPETConfig] = None,
-    *,
-    distributed: Optional[bool] = None,
-    group=None,
-) -> List[LayerStats]:
-    """Project every planned layer in place, atomically; shared over the ranks of a distributed job.
-
-    All new weights are computed first (on CPU, several layers at a time); they are written (into
-    the same ``Parameter`` objects, so optimizers and DDP keep tracking them) only when every layer
-    succeeded. An error on any layer leaves every layer unchanged and names the layer.
-
-    In a distributed job (an initialised process group with more than one process) every rank must
-    call this with the same layers and plan: each layer is projected by one owner rank, with rank
-    0's BN statistics, and broadcast, so all ranks end bit-identical (see
-    :mod:`lrpet_dense.core.distributed`); a failure on any rank changes nothing on any rank.
-
-    Args:
-        layers: ``(name, conv, bn)`` triples from a framework adapter; layers not in ``plan`` are skipped.
-        plan: a :class:`RankPlan` or ``{name: rank}``. Every planned name must be in ``layers``.
-        config: ``energy_transfer``, ``bn_rectification``, ``ridge`` and ``residual`` come from it.
-            Defaults to ``LRPETConfig()``.
-        distributed: share the work over the process group. Defaults to None: when one is
-            initialised with more than one process.
-        group: the process group. Defaults to None (the default group).
-
-    Returns:
-        One :class:`LayerStats` per projected layer, in ``layers`` order (the same on every rank).
-    """
-    config = config or LRPETConfig()
-    if distributed is None or distributed:
-        from .distributed import _is_distributed, _project_distributed
-
-        if _is_distributed(group):
-            return _project_distributed(layers, plan, config, group)
-        if distributed:
-            raise ValueError("project_(distributed=True) needs an initialised process group with more than one process")
-    results = _compute_layer_projections(layers, plan, config)
-    _write_(results)
-    return [s for _, _, s in results]
 
 
 def layer_spectra(layers: Sequence[ConvBN], names: Sequence[str], config: Optional[LRPETConfig] = None) -> Dict[str, List[float]]:
@@ -469,7 +425,7 @@ def layer_spectra(layers: Sequence[ConvBN], names: Sequence[str], config: Option
         w = conv.weight.detach()
         m = w.reshape(w.shape[0], -1).double().cpu()
         if config.bn_rectification and bn is not None:
-            m = m * _bn_scale(bn, name).cpu()[:, None]
+            m = m * bn_scale(bn, name).cpu()[:, None]
         ev = torch.linalg.eigvalsh(m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m)
         out[name] = ev.clamp_min(0).sqrt().flip(0).tolist()
     return out

@@ -20,7 +20,8 @@ from torch import nn
 
 from .bn import RecalibrationResult, recalibrate_bn_
 from .config import LRPETConfig
-from .projection import ConvBN, LayerStats, project_
+from .distributed import project_
+from .projection import ConvBN, LayerStats
 from .rank import RankPlan
 
 __all__ = ["LRPETProjector", "ProjectionSummary", "ProjectionError"]

@@ -4,7 +4,7 @@ Both framework adapters select layers the same way (:func:`select_convs`): every
 ``nn.Conv2d`` whose name matches an ``include`` pattern and no ``exclude`` pattern (fnmatch, ``*``
 spans dots) and, optionally, ``filter_fn(module, fqn)``; convs with frozen weights are left out
 unless asked for. Only the pairing of a conv with the BatchNorm after it differs between
-frameworks: the adapter passes a ``find_norm`` function. The planner's inputs (output sizes from
+frameworks: the adapter passes a ``find_norm`` function (:class:`~lrpet_dense.core.adapter.Adapter`). The planner's inputs (output sizes from
 one dummy forward, the reference MACs) are measured here too.
 """
 from __future__ import annotations
@@ -22,14 +22,29 @@ from .macs import conv_macs
 from .projection import ConvBN
 from .rank import LayerSpec, match_any, select_names
 
-__all__ = ["Pairing", "FilterFn"]
+__all__ = ["Pairing", "FilterFn", "is_batchnorm"]
 
 logger = logging.getLogger(__name__)
 
 #: ``filter_fn(module, fully_qualified_name) -> bool``: keep a conv (torchao's convention).
 FilterFn = Callable[[nn.Module, str], bool]
-#: ``find_norm(name, conv, parent, child_name) -> (batchnorm or None, note or None)``.
+#: ``find_norm(name, conv, parent, child_name) -> (the norm after the conv or None, note or None)``: the
+#: framework's norm lookup. Any norm may be returned; :func:`select_convs` pairs only BatchNorms with
+#: running statistics (:func:`is_batchnorm`) and notes any other norm.
 FindNorm = Callable[[str, nn.Conv2d, nn.Module, str], Tuple[Optional[nn.Module], Optional[str]]]
+
+
+def is_batchnorm(module: Optional[nn.Module]) -> bool:
+    """Whether ``module`` is a BatchNorm with running statistics, the kind BN rectification uses.
+
+    torch's BN and SyncBN (with ``track_running_stats``), detectron2's ``FrozenBatchNorm2d`` and
+    mmcv's ``SyncBatchNorm`` (which does not derive from torch's) qualify: a module holding
+    ``running_mean``, ``running_var`` and ``eps``; instance norms (per-sample statistics) do not.
+    """
+    if module is None or isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+        return False
+    return (getattr(module, "running_var", None) is not None and getattr(module, "running_mean", None) is not None
+            and hasattr(module, "eps"))
 
 
 @dataclass
@@ -135,6 +150,10 @@ def select_convs(model: nn.Module, include: Sequence[str], exclude: Sequence[str
         bn, note = find_norm(name, conv, parent, child)
         if note:
             notes.append(note)
+        if bn is not None and not is_batchnorm(bn):
+            notes.append(f"{name}: norm {type(bn).__name__} is not a BatchNorm with running statistics, so BN "
+                         "rectification does not apply; projected without it")
+            bn = None
         if bn is not None:
             width = getattr(bn, "running_var", None)
             width = width.numel() if width is not None else getattr(bn, "num_features", conv.out_channels)

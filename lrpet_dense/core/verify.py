@@ -126,7 +126,7 @@ def factorize_checked_(model: nn.Module, plan: RankPlan, outputs: Callable[[nn.M
             for, has happened).
     """
     from .factorize import factorize_
-    from .projection import project_
+    from .distributed import project_
 
     if project_layers is not None:
         project_(project_layers, plan, config, distributed=False)

@@ -23,7 +23,7 @@ from detectron2.config import CfgNode as CN
 
 from lrpet_dense.core import LRPETConfig
 
-__all__ = ["add_lrpet_config", "lrpet_config", "register_toy_voc", "register_toy_voc_from_env"]
+__all__ = ["add_lrpet_config", "lrpet_config", "lrpet_enabled", "register_toy_voc", "register_toy_voc_from_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +111,20 @@ def _overrides(flat) -> dict:
     return dict(zip(flat[::2], flat[1::2]))
 
 
-def lrpet_config(cfg: CN) -> LRPETConfig:
-    """``cfg.LRPET`` as an :class:`~lrpet_dense.core.LRPETConfig` (validated; errors name the key).
+def lrpet_config(cfg) -> LRPETConfig:
+    """The LRPET options of a detectron2 config as an :class:`~lrpet_dense.core.LRPETConfig` (validated;
+    errors name the key as the config spells it).
 
-    ``cfg.LRPET.<KEY>`` is field ``<key>``; ``OVERRIDES`` is a flat ``[pattern, ratio, ...]`` list,
-    ``PLAN_INPUT_SIZE`` ``(0, 0)`` means None. ``ENABLED`` is detectron2's switch, not an option.
+    A yacs config: ``cfg.LRPET.<KEY>`` is field ``<key>``; ``OVERRIDES`` is a flat ``[pattern, ratio, ...]``
+    list, ``PLAN_INPUT_SIZE`` ``(0, 0)`` means None; ``ENABLED`` is detectron2's switch, not an option.
+    A LazyConfig: ``cfg.lrpet`` is a dict of the fields (``lrpet = dict(target_macs_cut=0.5, interval=500)``;
+    an ``enabled`` entry is the switch, :func:`lrpet_enabled`).
 
     Raises:
-        ValueError: a key is out of range or of the wrong type.
+        ValueError: a key is out of range or of the wrong type, or the config has no LRPET options.
     """
+    if not isinstance(cfg, CN):
+        return _lazy_lrpet_config(cfg)
     c = cfg.LRPET
     options = {name: c[name.upper()] for name in LRPETConfig.field_names() if name.upper() in c}
     options["overrides"] = _overrides(c.OVERRIDES)
@@ -130,6 +135,35 @@ def lrpet_config(cfg: CN) -> LRPETConfig:
         raise ValueError(f"cfg.LRPET.ENABLED must be True or False, got {c.ENABLED!r}")
     return LRPETConfig.from_kwargs(options, display=lambda name: f"cfg.LRPET.{name.upper()}",
                                    hint="; fix it in the config file or with 'LRPET.KEY VALUE' on the command line")
+
+
+def lrpet_enabled(cfg) -> bool:
+    """Whether a detectron2 config trains with LRPET: yacs ``cfg.LRPET.ENABLED``; a LazyConfig has an ``lrpet``
+    entry whose ``enabled`` is not False (``lrpet.enabled=False`` on the command line turns it off)."""
+    if isinstance(cfg, CN):
+        enabled = cfg.LRPET.ENABLED
+    else:
+        options = cfg.get("lrpet") if hasattr(cfg, "get") else None
+        enabled = options is not None and options.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"LRPET's 'enabled' switch must be True or False, got {enabled!r}")
+    return enabled
+
+
+def _lazy_lrpet_config(cfg) -> LRPETConfig:
+    from omegaconf import DictConfig, OmegaConf
+
+    options = cfg.get("lrpet") if hasattr(cfg, "get") else None
+    if options is None:
+        raise ValueError("the LazyConfig has no 'lrpet' entry: add lrpet = dict(...) with LRPETConfig's fields, "
+                         "e.g. lrpet = dict(target_macs_cut=0.5, interval=500)")
+    if isinstance(options, DictConfig):
+        options = OmegaConf.to_container(options, resolve=True)
+    if not isinstance(options, dict):
+        raise ValueError(f"the LazyConfig's 'lrpet' must be a dict of LRPETConfig's fields, got {options!r}")
+    options = {k: v for k, v in options.items() if k != "enabled"}  # detectron2's switch, as LRPET.ENABLED
+    return LRPETConfig.from_kwargs(options, display=lambda name: f"lrpet.{name}",
+                                   hint="; fix it in the config file or with 'lrpet.KEY=VALUE' on the command line")
 
 
 def register_toy_voc(devkit: str, prefix: str = "voc_toy_2007", class_names: Optional[Sequence[str]] = None) -> None:

@@ -7,9 +7,10 @@ frozen convs left out) and pairs each with its norm:
 
 - a conv whose norm is a BatchNorm with running statistics is paired with it (BN rectification);
 - a conv without a norm (e.g. the FPN's lateral/output convs) is projected without BN rectification;
-- anything else (GroupNorm, LayerNorm, a BN without running statistics, a plain ``nn.Conv2d`` whose
-  norm detectron2 does not know about) is not guessed: it is projected without BN rectification and
-  listed in :attr:`~lrpet_dense.core.Pairing.notes`, which the hook logs.
+- anything else (GroupNorm, LayerNorm, a BN without running statistics: the core's
+  :func:`~lrpet_dense.core.selection.is_batchnorm` decides, for every framework alike; a plain
+  ``nn.Conv2d`` whose norm detectron2 does not know about) is not guessed: it is projected without BN
+  rectification and listed in :attr:`~lrpet_dense.core.Pairing.notes`, which the hook logs.
 
 Example:
     >>> pairing = pair_convs(model, LRPETConfig())  # doctest: +SKIP
@@ -21,14 +22,11 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
-from detectron2.layers import FrozenBatchNorm2d
 
 from lrpet_dense.core import LRPETConfig, Pairing
 from lrpet_dense.core.selection import FilterFn, pair_with
 
-__all__ = ["pair_convs", "default_include", "unwrap_model"]
+__all__ = ["pair_convs", "default_include", "find_norm", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -55,21 +53,13 @@ def default_include(model: nn.Module) -> List[str]:
     return patterns
 
 
-def _find_norm(name: str, conv: nn.Conv2d, parent: nn.Module, child: str) -> Tuple[Optional[nn.Module], Optional[str]]:
-    """The BN to rectify with (``conv.norm``), or None, and a note when it is not a clean BN/no-norm case."""
+def find_norm(name: str, conv: nn.Conv2d, parent: nn.Module, child: str) -> Tuple[Optional[nn.Module], Optional[str]]:
+    """The norm detectron2 runs after ``conv`` (``conv.norm``; any type, the core pairs only BatchNorms
+    with running statistics), and a note for a plain conv without a ``norm`` attribute."""
     if not hasattr(conv, "norm"):
         return None, (f"{name}: a plain {type(conv).__name__} without a detectron2 'norm' attribute; a norm "
                       "that follows it elsewhere is not inferred, so it is projected without BN rectification")
-    norm = conv.norm
-    if norm is None:
-        return None, None
-    if isinstance(norm, FrozenBatchNorm2d) or (isinstance(norm, _BatchNorm) and norm.track_running_stats):
-        if getattr(norm, "running_var", None) is None:
-            return None, (f"{name}: norm {type(norm).__name__} has no running statistics; projected without BN "
-                          "rectification")
-        return norm, None
-    return None, (f"{name}: norm {type(norm).__name__} is not a BatchNorm with running statistics, so BN "
-                  "rectification does not apply; projected without it")
+    return conv.norm, None
 
 
 def pair_convs(model: nn.Module, config: Optional[LRPETConfig] = None,
@@ -82,4 +72,4 @@ def pair_convs(model: nn.Module, config: Optional[LRPETConfig] = None,
     nothing, a BatchNorm of another width, an empty selection). With ``factorized``, a factorised
     conv counts as one conv (to fold its BatchNorm for inference).
     """
-    return pair_with(unwrap_model(model), config, filter_fn, default_include, _find_norm, factorized)
+    return pair_with(unwrap_model(model), config, filter_fn, default_include, find_norm, factorized)

@@ -29,8 +29,8 @@ from detectron2.utils.env import seed_all_rng
 
 from lrpet_dense.report import RunMeasurer, initial_weights_match, measure_run
 
+from .adapter import default_plan_hw
 from .deploy import count_complexity, load_model, plan_from_checkpoint
-from .hook import default_plan_hw
 
 __all__ = ["evaluate_detector", "chance_detector", "measure"]
 
@@ -122,7 +122,7 @@ class _Detectron2Run(RunMeasurer):
         return f"Faster R-CNN R{cfg.MODEL.RESNETS.DEPTH}-{kind} (detectron2)"
 
     def input_hw(self, model):
-        return default_plan_hw(self.cfg)
+        return default_plan_hw(model, self.cfg)
 
     def complexity(self, model, hw):
         return count_complexity(model, hw)

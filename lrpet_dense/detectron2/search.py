@@ -1,9 +1,9 @@
 """LRPET-S trials for detectron2: a short LRPET training of the user's config with per-group ratios.
 
-See :mod:`lrpet_dense.search`. Each trial runs detectron2's trainer (``lrpet-dense train-det``'s) on
-the config (its model, data, solver, ``MODEL.WEIGHTS`` as the starting weights) for ``iters``
-iterations with a cosine schedule and ``LRPET.OVERRIDES`` set to the trial's ratios; the model is
-then factorised (checked) and evaluated with the dataset's evaluator on ``DATASETS.TEST[0]``
+See :mod:`lrpet_dense.search`. Each trial runs :class:`~lrpet_dense.detectron2.LRPETTrainer` on the
+config (its model, data, solver, ``MODEL.WEIGHTS`` as the starting weights) for ``iters`` iterations
+with a cosine schedule and ``LRPET.OVERRIDES`` set to the trial's ratios; the model is then
+factorised (checked) and evaluated with the dataset's evaluator on ``DATASETS.TEST[0]``
 (``PascalVOCDetectionEvaluator``: AP50; ``COCOEvaluator``: AP).
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Mapping
 
 from detectron2.config import CfgNode
 
-from lrpet_dense.search import TrialRunner, check_finite
+from lrpet_dense.search import TrialRunner
 
+from .adapter import ADAPTER, default_plan_hw
 from .config import lrpet_config
 
 __all__ = ["DetTrialRunner"]
@@ -28,39 +29,26 @@ class DetTrialRunner(TrialRunner):
     """
 
     def __init__(self, cfg: CfgNode, iters: int):
+        from detectron2.data import MetadataCatalog
         from detectron2.modeling import build_model
-
-        from .hook import default_plan_hw
-        from .pairing import pair_convs
 
         if not cfg.LRPET.ENABLED:
             raise ValueError("the config has LRPET.ENABLED False: the search trains with LRPET (set LRPET.ENABLED True)")
         base = lrpet_config(cfg)
         model = build_model(cfg)
-        super().__init__(iters, base, model, pair_convs(model, base).layers)
+        super().__init__(iters, base, model, ADAPTER, default_plan_hw(model, cfg))
         self.cfg = cfg
-        self.hw = default_plan_hw(cfg)
-        from detectron2.data import MetadataCatalog
-
         kind = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("evaluator_type", None)
         if kind not in ("pascal_voc", "coco"):
             raise ValueError(f"DATASETS.TEST[0]={cfg.DATASETS.TEST[0]!r} has evaluator_type {kind!r}; the search "
                              "scores trials with 'pascal_voc' (AP50) or 'coco' (AP) datasets")
         self.metric = "AP50" if kind == "pascal_voc" else "AP"
 
-    def build_plan(self, config):
-        from .hook import build_plan
-
-        return build_plan(self.model, self.layers, config, self.hw)
-
-    def train_and_score(self, overrides: Mapping[str, float], work_dir: str, seed: int) -> float:
+    def train(self, overrides: Mapping[str, float], work_dir: str, seed: int):
         from detectron2.utils.env import seed_all_rng
 
-        from lrpet_dense.cli.train_det import Trainer
-
-        from .deploy import compress_model_
-        from .pairing import unwrap_model
-        from .report import evaluate_detector
+        from .hook import LRPETHook
+        from .training import LRPETTrainer
 
         cfg = self.cfg.clone()
         cfg.defrost()
@@ -73,12 +61,15 @@ class DetTrialRunner(TrialRunner):
         cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD = 10 ** 9, 0
         cfg.OUTPUT_DIR, cfg.SEED = work_dir, seed
         cfg.freeze()
+        self.trial_cfg = cfg
         seed_all_rng(seed)
-        trainer = Trainer(cfg)
+        trainer = LRPETTrainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()
-        model = unwrap_model(trainer.model)
-        check_finite(model)  # a diverged trial is pruned by the search, not fatal
-        hook = next(h for h in trainer._hooks if type(h).__name__ == "LRPETHook")
-        compress_model_(model, hook.plan)
-        return float(evaluate_detector(cfg, model.eval())[0])
+        hook = next(h for h in trainer._hooks if isinstance(h, LRPETHook))
+        return trainer.model, hook.plan
+
+    def evaluate(self, model) -> float:
+        from .report import evaluate_detector
+
+        return evaluate_detector(self.trial_cfg, model)[0]

@@ -35,7 +35,7 @@ _HISTORY_BUFFER_METHODS = ("min", "max", "current", "mean")
 _LEGACY_BUFFER_TAG = "__lrpet_history_buffer__"
 
 
-def _history_buffer_getattr(obj: Any, name: str) -> Any:
+def history_buffer_getattr(obj: Any, name: str) -> Any:
     """``getattr`` for the unpickler: only ``HistoryBuffer.<min|max|current|mean>``."""
     if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
         return getattr(HistoryBuffer, name)
@@ -54,7 +54,7 @@ def allow_mmengine_checkpoints() -> None:
     if _allowed:
         return
     allow_numpy_globals()
-    torch.serialization.add_safe_globals([HistoryBuffer, (_history_buffer_getattr, "builtins.getattr")])
+    torch.serialization.add_safe_globals([HistoryBuffer, (history_buffer_getattr, "builtins.getattr")])
     _allowed = True
 
 

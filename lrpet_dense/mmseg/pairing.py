@@ -11,8 +11,11 @@ mmseg keeps norms in three ways, all turned into the same :class:`~lrpet_dense.c
 * ``mmcv.cnn.ConvModule`` (PSP head, FCN head) keeps ``.conv`` and the norm named ``norm_name``,
   paired only when its ``order`` puts the norm after the conv.
 
-BN and SyncBN (torch's and mmcv's) are recognised. Convs with no BN after them are projected
-without BN rectification (:attr:`~lrpet_dense.core.Pairing.unpaired`, which the hook reports).
+BN and SyncBN (torch's and mmcv's) are recognised (the core's
+:func:`~lrpet_dense.core.selection.is_batchnorm`). Convs with no BN after them are projected without BN
+rectification (:attr:`~lrpet_dense.core.Pairing.unpaired`, which the hook reports); a norm of another
+kind (GroupNorm, ...) is not used for rectification and is listed in the pairing's notes, which the
+hook logs as a warning.
 """
 from __future__ import annotations
 
@@ -20,12 +23,11 @@ import re
 from typing import List, Optional, Tuple
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from lrpet_dense.core import LRPETConfig, Pairing
-from lrpet_dense.core.selection import FilterFn, pair_with
+from lrpet_dense.core.selection import FilterFn, is_batchnorm, pair_with
 
-__all__ = ["pair_convs", "default_include", "unwrap_model", "is_batchnorm"]
+__all__ = ["pair_convs", "default_include", "find_norm", "unwrap_model", "is_batchnorm"]
 
 _CONV_INDEX = re.compile(r"^conv(\d+)$")
 
@@ -44,16 +46,6 @@ def default_include(model: nn.Module) -> List[str]:
     if not isinstance(getattr(unwrap_model(model), "backbone", None), nn.Module):
         raise ValueError(f"{type(model).__name__} has no 'backbone' module; give include=[...] explicitly")
     return ["backbone.*"]
-
-
-def is_batchnorm(module: Optional[nn.Module]) -> bool:
-    """Whether ``module`` is a BatchNorm with running statistics (BN, SyncBN, mmcv SyncBN)."""
-    if module is None:
-        return False
-    if isinstance(module, _BatchNorm):
-        return True
-    # mmcv.ops.SyncBatchNorm does not derive from _BatchNorm; recognise it by its statistics.
-    return "BatchNorm" in type(module).__name__ and hasattr(module, "running_var") and hasattr(module, "eps")
 
 
 def _sibling_norm(parent: nn.Module, child: str) -> Optional[nn.Module]:
@@ -85,11 +77,13 @@ def _sequential_norm(parent: nn.Module, child: str) -> Optional[nn.Module]:
     return parent._modules[keys[i + 1]] if i + 1 < len(keys) else None
 
 
-def _find_norm(name: str, conv: nn.Conv2d, parent: nn.Module, child: str) -> Tuple[Optional[nn.Module], Optional[str]]:
+def find_norm(name: str, conv: nn.Conv2d, parent: nn.Module, child: str) -> Tuple[Optional[nn.Module], Optional[str]]:
+    """The norm mmseg runs after ``conv`` (sibling ``normN_name``, ``ConvModule``, ``Sequential``; any type:
+    the core pairs only BatchNorms with running statistics and notes any other norm), or None."""
     for finder in (_sibling_norm, _conv_module_norm, _sequential_norm):
         norm = finder(parent, child)
         if norm is not None:
-            return (norm if is_batchnorm(norm) else None), None
+            return norm, None
     return None, None
 
 
@@ -102,4 +96,4 @@ def pair_convs(model: nn.Module, config: Optional[LRPETConfig] = None,
     selection; the rules and errors are :func:`lrpet_dense.core.selection.select_convs`'s. With
     ``factorized``, a factorised conv counts as one conv (to fold its BatchNorm for inference).
     """
-    return pair_with(unwrap_model(model), config, filter_fn, default_include, _find_norm, factorized)
+    return pair_with(unwrap_model(model), config, filter_fn, default_include, find_norm, factorized)

@@ -27,8 +27,8 @@ from torch import nn
 
 from lrpet_dense.report import RunMeasurer, measure_run
 
+from .adapter import default_plan_hw
 from .deploy import count_complexity, load_model, plan_from_checkpoint
-from .hook import default_plan_hw
 
 __all__ = ["evaluate_segmentor", "chance_segmentor", "measure"]
 
@@ -80,7 +80,7 @@ class _MMSegRun(RunMeasurer):
         return f"{_SEGMENTOR_NAMES.get(head.type, head.type)} {bb.type}-{bb.get('depth', '')} (mmsegmentation)"
 
     def input_hw(self, model):
-        return default_plan_hw(model)
+        return default_plan_hw(model, self.cfg)
 
     def complexity(self, model, hw):
         return count_complexity(model, hw)

@@ -14,8 +14,9 @@ from typing import Mapping, Optional
 
 from mmengine.config import Config
 
-from lrpet_dense.search import TrialRunner, check_finite
+from lrpet_dense.search import TrialRunner
 
+from .adapter import ADAPTER
 from .config import lrpet_config
 
 __all__ = ["SegTrialRunner"]
@@ -34,25 +35,17 @@ class SegTrialRunner(TrialRunner):
 
     def __init__(self, cfg: Config, iters: int, load_from: Optional[str] = None):
         from .deploy import load_model
-        from .pairing import pair_convs
 
         base = lrpet_config(cfg)  # raises when the config has no LRPETHook
         self.load_from = load_from if load_from is not None else cfg.get("load_from")
         model, _ = load_model(cfg, self.load_from)
-        super().__init__(iters, base, model, pair_convs(model, base).layers)
+        super().__init__(iters, base, model, ADAPTER)
         self.cfg = cfg
 
-    def build_plan(self, config):
-        from .hook import build_plan
-
-        return build_plan(self.model, self.layers, config)
-
-    def train_and_score(self, overrides: Mapping[str, float], work_dir: str, seed: int) -> float:
+    def train(self, overrides: Mapping[str, float], work_dir: str, seed: int):
         from mmengine.runner import Runner
 
-        from .deploy import compress_model_
-        from .pairing import unwrap_model
-        from .report import evaluate_segmentor
+        from .hook import LRPETHook
 
         cfg = copy.deepcopy(self.cfg)
         cfg.work_dir = work_dir
@@ -66,10 +59,13 @@ class SegTrialRunner(TrialRunner):
         cfg.param_scheduler = [dict(type="PolyLR", eta_min=1e-4, power=0.9, begin=0, end=self.iters, by_epoch=False)]
         cfg.default_hooks.checkpoint = None
         cfg.randomness = dict(seed=seed)
+        self.trial_cfg = cfg
         runner = Runner.from_cfg(cfg)
         runner.train()
-        model = unwrap_model(runner.model)
-        check_finite(model)  # a diverged trial is pruned by the search, not fatal
-        hook = next(h for h in runner.hooks if type(h).__name__ == "LRPETHook")
-        compress_model_(model, hook.plan)
-        return float(evaluate_segmentor(cfg, model)[self.metric])
+        hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
+        return runner.model, hook.plan
+
+    def evaluate(self, model) -> float:
+        from .report import evaluate_segmentor
+
+        return evaluate_segmentor(self.trial_cfg, model)[self.metric]

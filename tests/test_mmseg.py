@@ -295,4 +295,4 @@ def test_bn_statistics_recomputed_after_the_final_projection(train_run):
     assert tracked and set(tracked.values()) == {2}, {v: k for k, v in tracked.items()}
     assert any(k.startswith("auxiliary_head.") for k in tracked) and any(k.startswith("decode_head.") for k in tracked)
     log = "\n".join(Path(p).read_text() for p in glob.glob(str(train_run / "*" / "*.log")))
-    assert "BN recalibration: running statistics of" in log and "recomputed from 2 batches" in log
+    assert "BN recalibration after the final projection" in log and "recomputed from 2 training batches" in log

@@ -101,6 +101,8 @@ class LRPETSession:
         #: BN statistics are recomputed on them after the final projection (``config.precise_bn_iters``).
         #: None: they are not (said once in the log when ``precise_bn_iters`` asks for it).
         self.train_data: Optional[Tuple[Iterable[Any], Callable[[nn.Module, Any], Any]]] = None
+        #: Where the session's own messages go (a framework hook sets its runner's logger).
+        self.log: logging.Logger = logger
         self.finished = False
 
     # -- the plan ---------------------------------------------------------------------------------
@@ -187,12 +189,16 @@ class LRPETSession:
         if self.config.precise_bn_iters == 0:
             return
         if self.train_data is None:
-            logger.info("LRPET: BN statistics are not recomputed after the final projection (precise_bn_iters=%d): "
-                        "the training loop supplied no training data (LRPETSession.train_data)",
-                        self.config.precise_bn_iters)
+            self.log.info("LRPET: BN statistics are not recomputed after the final projection (precise_bn_iters=%d): "
+                          "the training loop supplied no training data (LRPETSession.train_data)",
+                          self.config.precise_bn_iters)
             return
         batches, forward = self.train_data
-        self.projector.recalibrate_bn_(self.model, batches, forward, self.steps_done)
+        done = self.projector.recalibrate_bn_(self.model, batches, forward, self.steps_done)
+        if done is not None:
+            self.log.info("LRPET: BN recalibration after the final projection: running statistics of %d BatchNorm "
+                          "layers recomputed from %d training batches (precise_bn_iters)", done.num_layers,
+                          done.num_batches)
 
     def scalars(self, summary: ProjectionSummary, prefix: str = "lrpet/") -> Dict[str, float]:
         """The scalars every hook logs for one projection (the summary's and ``num_projections``)."""

@@ -115,8 +115,11 @@ class Budget:
     projections_ft: int = 5         # LRPET projections in a scenario-2 fine-tune
     bn_batches: int = 20            # the same ending: BN statistics recomputed on this many training batches
     groups: Tuple[str, ...] = GROUPS
-    # the segmentation proxy
-    classes: int = 8
+    # the segmentation proxy: a target task, and a source task whose pretraining stands in for ImageNet weights
+    pretrain_iters: int = 1000      # the backbone pretrained on the source task (0: every row from random init)
+    source_classes: Tuple[str, ...] = ("aeroplane", "bird", "dog", "cat")
+    target_classes: Tuple[str, ...] = ("boat", "car", "person", "sheep")
+    source_images: int = 160
     train_images: int = 160
     test_images: int = 40
     image_size: int = 72
@@ -131,10 +134,11 @@ class Budget:
 
 
 FULL = Budget()
-QUICK = Budget(seg_iters=80, seg_curve=(0.5,), det_iters=80, det_curve=(), seeds=1, cuts=(0.5,), svd_ft=(0.1,),
-               groups=("core50", "det"), bn_batches=8, finetune_curve=())
+QUICK = Budget(seg_iters=60, seg_curve=(0.5,), det_iters=60, det_curve=(), seeds=1, cuts=(0.5,), svd_ft=(0.1,),
+               groups=("core50", "det"), bn_batches=8, finetune_curve=(), pretrain_iters=60)
 TINY = Budget(seg_iters=4, seg_curve=(0.5,), det_iters=4, det_curve=(0.5,), projections=2, seeds=1, cuts=(0.5,),
               svd_ft=(0.5,), prune_ft=0.5, prune_steps=2, finetune_curve=(2,), projections_ft=1, bn_batches=2,
+              pretrain_iters=2, source_images=4,
               train_images=4, test_images=2, image_size=64, crop=32, batch=2, det_train_images=2, det_test_images=2,
               groups=tuple(g for g in GROUPS if g not in ("core30", "ablations")))  # each code path once
 
@@ -160,6 +164,9 @@ class Job:
     def deps(self, b: "Budget") -> List["Job"]:
         """The jobs whose checkpoints this one starts from."""
         T = budget_iters(b, self.fw)
+        if (self.fw == "seg" and b.pretrain_iters and self.start == 0 and self.iters > 0
+                and (self.method == "dense" or self.method in LRPET_METHODS)):
+            return [Job("seg", "pretrain", None, 0, b.pretrain_iters, 0, self.group)]
         if self.method in ("svd-ft", "prune-ft", "svd"):
             return [Job(self.fw, "dense", None, self.seed, self.start, 0, self.group)]
         if self.method.startswith("ft-"):
@@ -185,6 +192,7 @@ class Setup:
 
     out: str
     data_root: str              # folder holding VOCdevkit (segmentation)
+    source_root: str            # the source task's VOCdevkit parent (the backbone's pretraining)
     det_root: str               # folder holding VOCdevkit (detection)
     budget: Budget
     device: str = "cpu"
@@ -197,20 +205,23 @@ class Setup:
 
 
 # ======================================================================================== segmentation (mmseg)
-def _seg_cfg(setup: Setup, work_dir: str, iters: int, seed: int, *, finetune: bool):
-    """The toy PSPNet config on the proxy: ``iters`` iterations of one complete schedule (from scratch: linear
-    warm-up then poly to 1e-4 from ``lr``; a fine-tune: poly from ``lr / 2``, no warm-up)."""
+def _seg_cfg(setup: Setup, work_dir: str, iters: int, seed: int, *, finetune: bool, pretrained: bool = False,
+             source: bool = False):
+    """The toy PSPNet config on the proxy: ``iters`` iterations of one complete schedule (from initialisation:
+    linear warm-up then poly to 1e-4 from ``lr``; a fine-tune: poly from ``lr / 2``, no warm-up). ``pretrained``:
+    the backbone initialised from the source-task pretraining (mmseg's ``pretrained``, as ImageNet weights are);
+    ``source``: train on the source task."""
     from mmengine.config import Config
 
     from lrpet_dense.configs import config_path
 
     b = setup.budget
-    os.environ["LRPET_TOY_VOC_ROOT"] = setup.data_root
+    os.environ["LRPET_TOY_VOC_ROOT"] = setup.source_root if source else setup.data_root
     cfg = Config.fromfile(config_path("toy/pspnet_r50-d8_lrpet_toy.py"))
     cfg.work_dir = work_dir
     cfg.experiment_name = f"{os.path.basename(work_dir)}_{os.getpid()}_{time.time_ns()}"
     cfg.model.data_preprocessor.size = (b.crop, b.crop)
-    cfg.model.pretrained = None
+    cfg.model.pretrained = _pretrained_path(setup) if pretrained else None
     cfg.train_dataloader.batch_size = b.batch
     pipe = cfg.train_dataloader.dataset.pipeline
     pipe[2] = dict(type="RandomResize", scale=(b.image_size, b.image_size), ratio_range=(0.75, 1.5), keep_ratio=True)
@@ -232,6 +243,10 @@ def _seg_cfg(setup: Setup, work_dir: str, iters: int, seed: int, *, finetune: bo
     cfg.randomness = dict(seed=seed)
     cfg.device = setup.device
     return cfg
+
+
+def _pretrained_path(setup: Setup) -> str:
+    return setup.ckpt(Job("seg", "pretrain", None, 0, setup.budget.pretrain_iters))
 
 
 def _seg_runner(cfg, model=None):
@@ -327,8 +342,20 @@ def seg_job(setup: Setup, job: Job) -> Dict[str, Any]:
         lm.compress_model_(model, plan, project=True, config=config)
         return dict(_seg_finish(setup, cfg, model, None, job), plan_cut=plan.reached_macs_cut)
 
+    if job.method == "pretrain":  # the source task: the backbone that stands in for ImageNet weights
+        cfg = _seg_cfg(setup, work, job.iters, job.seed, finetune=False, source=True)
+        runner = _seg_runner(cfg)
+        runner.train()
+        model = lm.unwrap_model(runner.model)
+        torch.save({"state_dict": {k[len("backbone."):]: v for k, v in model.state_dict().items()
+                                   if k.startswith("backbone.")}}, setup.ckpt(job))
+        from lrpet_dense.mmseg.report import evaluate_segmentor
+
+        return {"value": float(evaluate_segmentor(cfg, model)["mIoU"]), "iters": job.iters, "macs": {"macs": 0}}
+
     finetune = job.start > 0
-    cfg = _seg_cfg(setup, work, job.iters, job.seed, finetune=finetune)
+    from_pretrained = bool(b.pretrain_iters) and not finetune and job.method != "scratch"
+    cfg = _seg_cfg(setup, work, job.iters, job.seed, finetune=finetune, pretrained=from_pretrained)
     model = None
     hook_job = job.method in LRPET_METHODS or job.method == "ft-lrpet"
     if hook_job:
@@ -746,8 +773,9 @@ def _init_worker(setup: Setup) -> None:
 
 def _settings_key(b: Budget, fw: str) -> str:
     """The settings a framework's jobs depend on: a job is reused only when they are unchanged."""
-    keep = ("seg_iters", "projections", "rank_warmup", "prune_steps", "projections_ft", "bn_batches", "classes",
-            "train_images", "test_images", "image_size", "crop", "batch", "lr") if fw == "seg" else \
+    keep = ("seg_iters", "projections", "rank_warmup", "prune_steps", "projections_ft", "bn_batches", "pretrain_iters",
+            "source_classes", "target_classes", "source_images", "train_images", "test_images", "image_size", "crop",
+            "batch", "lr") if fw == "seg" else \
         ("det_iters", "projections", "bn_batches", "det_train_images", "det_test_images", "det_image_size", "det_lr")
     data = {k: getattr(b, k) for k in keep}
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
@@ -844,7 +872,7 @@ def summarise(results: Dict[str, Dict[str, Any]], b: Budget, chance: Dict[str, f
     rows: Dict[Tuple, Dict[str, Any]] = {}
     curve: Dict[Tuple[str, int], List[float]] = {}
     for r in res:
-        if r["method"] in ("validate", "lrpet-half"):
+        if r["method"] in ("validate", "lrpet-half", "pretrain"):
             continue
         if r["method"] == "dense":
             curve.setdefault((r["fw"], r["iters"]), []).append(r["value"])
@@ -1146,11 +1174,14 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--seg-iters", type=int, default=None, help="T of the segmentation rows")
     p.add_argument("--det-iters", type=int, default=None, help="T of the detection rows")
+    p.add_argument("--pretrain-iters", type=int, default=None, help="source-task pretraining of the segmentation "
+                   "backbone (0: every row from random initialisation; with --voc-root use real pretrained weights)")
     p.add_argument("--fresh", action="store_true", help="rerun jobs whose results are already in OUT/jobs")
     args = p.parse_args(argv)
 
     budget = TINY if args.tiny else QUICK if args.quick else FULL
-    changes = {k: getattr(args, k) for k in ("seeds", "seg_iters", "det_iters") if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in ("seeds", "seg_iters", "det_iters", "pretrain_iters")
+               if getattr(args, k) is not None}
     if args.groups:
         changes["groups"] = tuple(args.groups)
     budget = replace(budget, **changes)
@@ -1161,21 +1192,29 @@ def main(argv=None) -> int:
     from lrpet_dense.data.toy_voc import make_toy_voc
 
     det_root = os.path.join(args.out, "toy_det")
+    source_root = os.path.join(args.out, "source")
     if args.voc_root:
         data_root, task = args.voc_root, f"real VOC under {args.voc_root}"
     else:
         data_root = os.path.join(args.out, "proxy")
         make_proxy_voc(data_root, budget.train_images, budget.test_images, budget.image_size,
-                       num_classes=budget.classes)
-        task = (f"segmentation: generated proxy (lrpet_dense.data.proxy_voc), {budget.classes} shape x texture classes, "
-                f"{budget.train_images} train / {budget.test_images} test images of {budget.image_size} px, "
-                f"{budget.crop} px crops, batch {budget.batch}")
+                       classes=budget.target_classes)
+        task = (f"segmentation: generated proxy (lrpet_dense.data.proxy_voc) with the shape x texture classes "
+                f"{', '.join(budget.target_classes)}: {budget.train_images} train / {budget.test_images} test images of "
+                f"{budget.image_size} px, {budget.crop} px crops, batch {budget.batch}")
+        if budget.pretrain_iters:
+            make_proxy_voc(source_root, budget.source_images, budget.test_images, budget.image_size, seed=1,
+                           classes=budget.source_classes)
+            task += (f"; every row but 'scratch' starts from a backbone pretrained for {budget.pretrain_iters} "
+                     f"iterations on a source task (the stand-in for ImageNet weights: the classes "
+                     f"{', '.join(budget.source_classes)}, other images, {budget.source_images} train images)")
     if "det" in args.frameworks and "det" in budget.groups:
         make_toy_voc(det_root, budget.det_train_images, budget.det_test_images, budget.det_image_size,
                      max_objects=2, object_size=(0.3, 0.6), noise=6)
         task += (f"; detection: the quickstart's toy set (3 classes, {budget.det_train_images} train / "
                  f"{budget.det_test_images} test images of {budget.det_image_size} px)")
-    setup = Setup(out=args.out, data_root=data_root, det_root=det_root, budget=budget, device=args.device,
+    setup = Setup(out=args.out, data_root=data_root, source_root=source_root, det_root=det_root, budget=budget,
+                  device=args.device,
                   threads=args.threads, voc=bool(args.voc_root), reuse=not args.fresh)
     t0 = time.time()
     jobs = plan_jobs(budget, args.frameworks)

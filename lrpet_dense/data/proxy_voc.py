@@ -25,7 +25,7 @@ import argparse
 import logging
 import math
 import random
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -167,7 +167,7 @@ def _draw_scene(rng: random.Random, size: int, noise: float = 10.0, max_objects:
 
 
 def make_proxy_voc(root: str, num_train: int = 160, num_test: int = 40, size: int = 96, seed: int = 0, *,
-                   noise: float = 10.0, num_classes: int = 8) -> str:
+                   noise: float = 10.0, num_classes: int = 8, classes: Optional[Sequence[str]] = None) -> str:
     """Write the proxy dataset as ``root/VOCdevkit`` (``VOC2007`` detection, ``VOC2012`` segmentation); return it.
 
     Deterministic for given arguments.
@@ -181,6 +181,8 @@ def make_proxy_voc(root: str, num_train: int = 160, num_test: int = 40, size: in
         noise: standard deviation of the background's pixel noise. Defaults to 10.
         num_classes: how many of the eight classes appear (2 to 8; fewer make an easier, faster-learned task).
             Defaults to 8.
+        classes: which of :data:`PROXY_CLASSES` appear, by name (instead of ``num_classes``; e.g. disjoint
+            sets for a source task to pretrain on and a target task). Defaults to None.
     """
     if num_train < 1 or num_test < 1 or size < 64:
         raise ValueError(f"need num_train >= 1, num_test >= 1, size >= 64; got {num_train}, {num_test}, {size}")
@@ -188,7 +190,13 @@ def make_proxy_voc(root: str, num_train: int = 160, num_test: int = 40, size: in
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= len(PROXY_CLASSES):
         raise ValueError(f"num_classes must be an integer in [2, {len(PROXY_CLASSES)}], got {num_classes!r}")
-    classes = PROXY_CLASSES if num_classes == len(PROXY_CLASSES) else _SUBSET_ORDER[:num_classes]
+    if classes is not None:
+        unknown = [c for c in classes if c not in PROXY_CLASSES]
+        if unknown or len(set(classes)) < 1 or len(set(classes)) != len(tuple(classes)):
+            raise ValueError(f"classes must be distinct names from {PROXY_CLASSES}, got {classes!r}")
+        classes = tuple(classes)
+    else:
+        classes = PROXY_CLASSES if num_classes == len(PROXY_CLASSES) else _SUBSET_ORDER[:num_classes]
     return write_voc(root, lambda rng: _draw_scene(rng, size, noise, classes=classes), num_train, num_test, size, seed,
                      "proxy")
 

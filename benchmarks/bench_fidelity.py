@@ -89,8 +89,11 @@ GROUPS = ("core50", "core30", "ablations", "levers", "prune", "early", "det", "f
 #: method -> (energy transfer, BN rectification, rank policy) of its projections
 PROJECTION = {"svd": (False, False, "uniform"), "lrp": (False, False, "uniform"), "lrp-et": (True, False, "uniform"),
               "lrpet": (True, True, "uniform"), "lrpet-energy": (True, True, "energy"),
-              "lrpet-ramp": (True, True, "uniform"), "lrpet-half": (True, True, "uniform")}
-LRPET_METHODS = ("lrpet", "lrp", "lrp-et", "lrpet-energy", "lrpet-ramp", "lrpet-half")
+              "lrpet-ramp": (True, True, "uniform"), "lrpet-p5": (True, True, "uniform"),
+              "lrpet-half": (True, True, "uniform")}
+LRPET_METHODS = ("lrpet", "lrp", "lrp-et", "lrpet-energy", "lrpet-ramp", "lrpet-p5", "lrpet-half")
+#: LRPET rows with fewer projections than ``projections`` over the training (the interval lever)
+FEW_PROJECTIONS = {"lrpet-p5": 5}
 
 
 @dataclass(frozen=True)
@@ -361,7 +364,7 @@ def seg_job(setup: Setup, job: Job) -> Dict[str, Any]:
     if hook_job:
         method = "lrpet" if job.method == "ft-lrpet" else job.method
         et, bnr, policy = PROJECTION[method]
-        projections = b.projections_ft if job.method == "ft-lrpet" else b.projections
+        projections = b.projections_ft if job.method == "ft-lrpet" else FEW_PROJECTIONS.get(method, b.projections)
         options = dict(target_macs_cut=job.cut, interval=max(job.iters // projections, 1), energy_transfer=et,
                        bn_rectification=bnr, rank_policy=policy, precise_bn_iters=0)  # the ending is the bench's
         if method == "lrpet-ramp":
@@ -724,9 +727,10 @@ def plan_jobs(b: Budget, frameworks: Sequence[str]) -> List[Job]:
             add(*(Job("seg", "svd", cut, s, 0, T, group) for s in seeds))
             if group == "core50":
                 add(Job("seg", "validate", cut, 0, 0, 0, group))
-        for group, methods in (("ablations", ("lrp", "lrp-et", "lrpet-energy")), ("levers", ("lrpet-ramp",))):
+        for group, methods, cuts in (("ablations", ("lrp", "lrp-et", "lrpet-energy"), b.cuts),
+                                     ("levers", ("lrpet-ramp", "lrpet-p5"), b.cuts[:1])):
             if group in b.groups:
-                add(*(Job("seg", m, cut, s, T, 0, group) for cut in b.cuts for m in methods for s in seeds))
+                add(*(Job("seg", m, cut, s, T, 0, group) for cut in cuts for m in methods for s in seeds))
         if "prune" in b.groups:
             F = share_of(T, b.prune_ft)
             add(*(Job("seg", "dense", None, s, T - F, 0, "prune") for s in seeds))
@@ -858,7 +862,7 @@ def _stats(values: Sequence[float]) -> Dict[str, Any]:
 
 ROW_LABELS = {
     "dense": "dense", "lrpet": "LRPET, whole training (product defaults)", "lrp": "LRP (no ET, no BNR)",
-    "lrp-et": "LRP + ET (no BNR)", "lrpet-energy": "LRPET, energy rank policy", "lrpet-ramp": "LRPET, rank warm-up T/2",
+    "lrp-et": "LRP + ET (no BNR)", "lrpet-energy": "LRPET, energy rank policy", "lrpet-ramp": "LRPET, rank warm-up T/2", "lrpet-p5": "LRPET, 5 projections (interval T/5)",
     "scratch": "factorised model from scratch", "svd-ft": "dense -> truncated SVD -> fine-tune",
     "prune-ft": "dense -> Torch-Pruning -> fine-tune", "lrpet-early": "LRPET for T/2, factorised, trained on",
     "svd": "truncated SVD of dense(T), no training (one-shot)", "ft-dense": "dense fine-tuned", "ft-svd":

@@ -36,7 +36,7 @@ def test_fidelity_harness_tiny(tmp_path):
     assert not data["missing"]
     b = bf.TINY
     rows = {(r["fw"], r["scenario"], r["method"], r["cut"], r["F"]): r for r in data["summary"]["rows"]}
-    seg = {"lrpet", "lrpet-ramp", "scratch", "svd-ft", "prune-ft", "lrpet-early"}
+    seg = {"lrpet", "lrpet-ramp", "lrpet-p5", "scratch", "svd-ft", "prune-ft", "lrpet-early"}
     det = {"lrpet", "scratch", "svd-ft"}
     for fw, methods in (("seg", seg), ("det", det)):
         T = bf.budget_iters(b, fw)
@@ -141,7 +141,7 @@ def test_every_equal_training_row_trains_T_iterations_in_all():
         for d in j.deps(b):  # dependencies come first
             assert names.index(d.name) < names.index(j.name), (j.name, d.name)
         T = bf.budget_iters(b, j.fw)
-        if j.method in ("lrpet", "lrp", "lrp-et", "lrpet-energy", "lrpet-ramp", "scratch", "svd-ft", "prune-ft",
+        if j.method in ("lrpet", "lrp", "lrp-et", "lrpet-energy", "lrpet-ramp", "lrpet-p5", "scratch", "svd-ft", "prune-ft",
                         "lrpet-early"):
             assert j.start + j.iters == T, j.name
         if j.method in ("svd-ft", "prune-ft"):  # the dense model they start from trained the rest

@@ -101,7 +101,7 @@ class Budget:
     """Iterations, sizes and rows of one benchmark mode (T = ``seg_iters`` / ``det_iters``)."""
 
     seg_iters: int = 300
-    seg_curve: Tuple[float, ...] = (0.25, 0.5, 0.7, 0.9)   # dense budgets besides T (fractions of T)
+    seg_curve: Tuple[float, ...] = (0.5, 0.7, 0.9)   # dense budgets besides T: T/2 (convergence), T - F (svd-ft)
     det_iters: int = 300
     det_curve: Tuple[float, ...] = (0.5, 0.9)
     projections: int = 20           # LRPET projections over a whole training (interval = T // projections)
@@ -125,8 +125,8 @@ class Budget:
     source_images: int = 160
     train_images: int = 160
     test_images: int = 40
-    image_size: int = 72
-    crop: int = 48
+    image_size: int = 96
+    crop: int = 64
     batch: int = 4
     lr: float = 0.01
     # the detection set (the quickstart's toy set)
@@ -552,7 +552,8 @@ def _det_cfg(setup: Setup, out: str, iters: int, seed: int, *, finetune: bool, l
     s = b.det_image_size
     cfg.merge_from_list([
         "DATASETS.TRAIN", ("voc_fidtoy_2007_trainval",), "DATASETS.TEST", ("voc_fidtoy_2007_test",),
-        "MODEL.ROI_HEADS.NUM_CLASSES", len(TOY_CLASSES), "MODEL.DEVICE", setup.device, "MODEL.WEIGHTS", weights,
+        "MODEL.ROI_HEADS.NUM_CLASSES", len(TOY_CLASSES), "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
+        "MODEL.DEVICE", setup.device, "MODEL.WEIGHTS", weights,
         "INPUT.MIN_SIZE_TRAIN", (s,), "INPUT.MAX_SIZE_TRAIN", s, "INPUT.MIN_SIZE_TEST", s, "INPUT.MAX_SIZE_TEST", s,
         "SOLVER.MAX_ITER", iters, "SOLVER.BASE_LR", b.det_lr / 2 if finetune else b.det_lr, "SOLVER.STEPS", (),
         "SOLVER.CHECKPOINT_PERIOD", 10 ** 9, "SOLVER.WARMUP_ITERS", 0 if finetune else min(20, iters // 4),

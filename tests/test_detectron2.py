@@ -223,6 +223,49 @@ def test_hook_schedule_storage_and_state():
     assert fresh.projector.last_iter == 7 and not fresh.projector.should_project(7, is_last=True)
 
 
+@pytest.mark.parametrize("precise_bn_iters", [0, 3])
+def test_hook_recomputes_bn_statistics_after_the_final_projection(precise_bn_iters):
+    """LRPET.PRECISE_BN_ITERS: after the last step's projection the BN statistics are recomputed from that
+    many training batches (counters reset: num_batches_tracked = batches used); 0 leaves training's."""
+    torch.manual_seed(0)
+    model = _TinyModel()
+    layers = pair_convs(model).layers
+    plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
+    config = LRPETConfig(interval=3, precise_bn_iters=precise_bn_iters)
+    trainer = SimpleTrainer(model, iter(lambda: torch.randn(2, 3, 8, 8), None),
+                            torch.optim.SGD(model.parameters(), lr=0.01))
+    trainer.register_hooks([LRPETHook(model, config, layers=layers, plan=plan)])
+    weights = []
+    trainer.register_hooks([_AfterStep(lambda t: weights.append([l.conv.weight.clone() for l in layers]))])
+    trainer.train(0, 7)
+    assert [int(l.bn.num_batches_tracked) for l in layers] == [precise_bn_iters or 7] * len(layers)
+    assert all(l.bn.momentum == 0.1 for l in layers) and model.training
+    for w, l in zip(weights[-1], layers):  # the weights are those of the final projection
+        assert torch.equal(w, l.conv.weight)
+
+
+def test_hook_leaves_bn_statistics_to_detectron2s_precise_bn():
+    torch.manual_seed(0)
+    model = _TinyModel()
+    layers = pair_convs(model).layers
+    plan = build_rank_plan(layer_specs(layers, {l.name: (8, 8) for l in layers}), LRPETConfig(ratio=0.5))
+    data = iter(lambda: torch.randn(2, 3, 8, 8), None)
+    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01))
+    trainer.register_hooks([LRPETHook(model, LRPETConfig(interval=3, precise_bn_iters=3), layers=layers, plan=plan),
+                            hooks.PreciseBN(0, model, data, 5)])
+    trainer.train(0, 7)
+    # 7 training steps + PreciseBN's 5 batches (fvcore does not reset the counter); ours would have reset it to 3
+    assert [int(l.bn.num_batches_tracked) for l in layers] == [7 + 5] * len(layers)
+
+
+class _AfterStep(HookBase):
+    def __init__(self, fn):
+        self.fn = fn
+
+    def after_step(self):
+        self.fn(self.trainer)
+
+
 def test_insert_before_checkpointer():
     ckpt = hooks.PeriodicCheckpointer(DetectionCheckpointer(nn.Linear(1, 1)), 10)
     ev = hooks.EvalHook(0, lambda: {})

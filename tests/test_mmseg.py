@@ -287,3 +287,12 @@ def test_frozen_stages_are_skipped_by_default():
     assert len(everything.layers) == 55 and not everything.frozen_skipped
 
 
+def test_bn_statistics_recomputed_after_the_final_projection(train_run):
+    """The toy config's ``precise_bn_iters=2``: the last checkpoint's BN statistics come from 2 training
+    batches after the final projection (counters reset), in the backbone and both heads (mode='loss')."""
+    ckpt = torch.load(train_run / "iter_3.pth", map_location="cpu", weights_only=False)
+    tracked = {k: int(v) for k, v in ckpt["state_dict"].items() if k.endswith("num_batches_tracked")}
+    assert tracked and set(tracked.values()) == {2}, {v: k for k, v in tracked.items()}
+    assert any(k.startswith("auxiliary_head.") for k in tracked) and any(k.startswith("decode_head.") for k in tracked)
+    log = "\n".join(Path(p).read_text() for p in glob.glob(str(train_run / "*" / "*.log")))
+    assert "BN recalibration after the final projection" in log and "recomputed from 2 training batches" in log

@@ -20,5 +20,7 @@ custom_hooks = [
         energy_transfer=True,
         bn_rectification=True,
         ridge=1e-5,
-        residual=0.0),
+        residual=0.0,
+        rank_warmup=0,  # the plan's ranks from the first projection (the paper's)
+        precise_bn_iters=200),  # BN statistics recomputed on 200 training batches after the last projection
 ]

@@ -8,6 +8,7 @@ The public API (everything else in the submodules is internal to lrpet_dense):
 - one weight: :func:`lrpet_project`; one model's layers (:class:`ConvBN` triples, e.g. a framework
   adapter's :class:`Pairing`), in place and atomic, shared over ranks in a distributed job:
   :func:`project_` -> :class:`LayerStats`; the training schedule: :class:`LRPETProjector`;
+- after the final projection: :func:`recalibrate_bn_` (BN statistics for the final weights);
 - inference: :func:`factorize_` (:class:`FactorizedConv2d`), :func:`enable_compressed_loading_`,
   and the float64 output check :func:`compare_outputs`;
 - a training run: :class:`LRPETSession` (when to project, the final projection, resume state), which
@@ -26,6 +27,7 @@ Example:
     >>> torch.linalg.matrix_rank(w.reshape(64, -1)).item()
     16
 """
+from .bn import recalibrate_bn_
 from .config import LRPETConfig
 from .distributed import DistributedProjectionError, project_
 from .factorize import FactorizedConv2d, enable_compressed_loading_, factorize_
@@ -44,6 +46,7 @@ __all__ = [
     "RankPlan", "LayerPlan", "LayerSpec", "build_rank_plan", "rank_from_ratio",
     "ConvBN", "LayerStats", "lrpet_project", "project_", "Pairing",
     "LRPETProjector", "ProjectionSummary", "ProjectionError", "DistributedProjectionError", "LRPETSession",
+    "recalibrate_bn_",
     "FactorizedConv2d", "factorize_", "enable_compressed_loading_",
     "compare_outputs", "OutputMismatchError", "Adapter",
     # any nn.Module in a plain PyTorch loop (lrpet_dense.core.plain)

@@ -90,6 +90,14 @@ class LRPETConfig:
             factorised form is not measured faster stay dense. None = off. Defaults to None.
         latency_table: a JSON file caching the per-layer latency table (measured where missing or
             stale, on the device the plan is built on). Defaults to None (measured, not cached).
+        rank_warmup: steps over which the projections' ranks shrink linearly from full rank to the
+            plan's (a projection after ``s < rank_warmup`` steps keeps
+            ``k + floor((m - k) * (1 - s / rank_warmup))`` of ``m``); the final projection always uses
+            the plan's ranks. Defaults to 0 (the plan's ranks from the first projection, the paper's).
+        precise_bn_iters: after the final projection, recompute the running statistics of the
+            model's trainable BatchNorm layers on this many training batches, so the saved model's BN
+            statistics belong to its final low-rank weights (:func:`~lrpet_dense.core.bn.recalibrate_bn_`).
+            0 = off. Defaults to 200 (detectron2's ``TEST.PRECISE_BN.NUM_ITER``).
     """
 
     ratio: Optional[float] = None
@@ -110,6 +118,8 @@ class LRPETConfig:
     rank_multiple: int = 1
     target_latency_cut: Optional[float] = None
     latency_table: Optional[str] = None
+    rank_warmup: int = 0
+    precise_bn_iters: int = 200
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -139,7 +149,10 @@ class LRPETConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, low, what in (("interval", 1, "steps between projections"),
-                                ("begin", 0, "steps before the first projection")):
+                                ("begin", 0, "steps before the first projection"),
+                                ("rank_warmup", 0, "steps over which the ranks shrink to the plan's; 0 = off"),
+                                ("precise_bn_iters", 0, "training batches for the BN statistics after the final "
+                                                        "projection; 0 = off")):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low} ({what}), got {v!r}")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -292,7 +292,8 @@ def build_plan(model: nn.Module, layers: Sequence[ConvBN], config: LRPETConfig, 
 
 
 def prepare(model: nn.Module, example_inputs: Any, config: Optional[LRPETConfig] = None, *,
-            filter_fn: Optional[FilterFn] = None, total_steps: Optional[int] = None) -> LRPETSession:
+            filter_fn: Optional[FilterFn] = None, total_steps: Optional[int] = None,
+            train_data: Optional[Tuple[Iterable[Any], Callable[[nn.Module, Any], Any]]] = None) -> LRPETSession:
     """Select, pair and plan: the :class:`~lrpet_dense.core.LRPETSession` a training loop calls.
 
     Call ``session.step()`` after every ``optimizer.step()`` (it projects every ``config.interval``
@@ -305,9 +306,15 @@ def prepare(model: nn.Module, example_inputs: Any, config: Optional[LRPETConfig]
         config: the options. Defaults to ``LRPETConfig()`` (ratio 0.5, every conv, interval 500).
         filter_fn: ``filter_fn(module, fqn) -> bool`` narrows the selection (torchao's convention).
         total_steps: the run's optimizer steps, when known.
+        train_data: ``(batches, forward)``: training batches (e.g. your ``DataLoader``) and ``forward(model,
+            batch)`` running the model on one in training mode; after the final projection the BN statistics
+            are recomputed on ``config.precise_bn_iters`` of them (:func:`~lrpet_dense.core.recalibrate_bn_`).
+            Defaults to None (not recomputed).
     """
-    return PlainAdapter(example_inputs).session(model, config or LRPETConfig(), filter_fn=filter_fn,
-                                                total_steps=total_steps)
+    session = PlainAdapter(example_inputs).session(model, config or LRPETConfig(), filter_fn=filter_fn,
+                                                   total_steps=total_steps)
+    session.train_data = train_data
+    return session
 
 
 def compress_model_(model: nn.Module, plan: RankPlan, example_inputs: Any, *, project: bool = False,

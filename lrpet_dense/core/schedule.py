@@ -14,8 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
+from torch import nn
+
+from .bn import RecalibrationResult, recalibrate_bn_
 from .config import LRPETConfig
 from .distributed import project_
 from .projection import ConvBN, LayerStats
@@ -54,8 +57,9 @@ class ProjectionSummary:
         """
         if self.error is not None:
             return {prefix + "time_s": self.seconds, prefix + "failed": 1.0}
-        e = [s.energy_kept for s in self.stats]
-        c = [s.rel_change for s in self.stats]
+        # No layer below full rank yet (early in a rank warm-up): nothing lost, nothing changed.
+        e = [s.energy_kept for s in self.stats] or [1.0]
+        c = [s.rel_change for s in self.stats] or [0.0]
         return {
             prefix + "time_s": self.seconds,
             prefix + "energy_kept_mean": sum(e) / len(e),
@@ -94,7 +98,18 @@ class LRPETProjector:
             return False
         return is_last or steps_done % self.interval == 0
 
-    def project_(self, layers: Sequence[ConvBN], plan: RankPlan, steps_done: int) -> ProjectionSummary:
+    def ranks_at(self, plan: RankPlan, steps_done: int, final: bool = False) -> Union[RankPlan, Mapping[str, int]]:
+        """The ranks a projection after ``steps_done`` steps uses: ``plan``, or during ``rank_warmup``
+        ranks between full and planned (layers still at full rank are left out: nothing to project)."""
+        warmup = self.config.rank_warmup
+        if final or warmup == 0 or steps_done >= warmup:
+            return plan
+        keep = 1.0 - steps_done / warmup
+        ranks = {name: lp.rank + int((lp.full_rank - lp.rank) * keep) for name, lp in plan.layers.items()}
+        return {name: k for name, k in ranks.items() if k < plan[name].full_rank}
+
+    def project_(self, layers: Sequence[ConvBN], plan: RankPlan, steps_done: int,
+                 final: bool = False) -> ProjectionSummary:
         """Project ``layers`` per ``plan`` in place (atomic) and record it.
 
         In a distributed job every rank must call this (the work is shared and every rank ends with
@@ -104,10 +119,11 @@ class LRPETProjector:
             layers: ``(name, conv, bn)`` triples.
             plan: the rank plan.
             steps_done: optimizer steps taken so far.
+            final: the projection after the last step (always at the plan's ranks). Defaults to False.
         """
         t0 = time.perf_counter()
         try:
-            stats = project_(layers, plan, self.config)
+            stats = project_(layers, self.ranks_at(plan, steps_done, final), self.config)
         except Exception as e:  # the projection is atomic: no layer was changed
             message = (f"LRPET projection after step {steps_done} failed and changed no layer: "
                        f"{type(e).__name__}: {e}")
@@ -128,6 +144,28 @@ class LRPETProjector:
                     "weight change mean %.4f / max %.4f", steps_done, len(stats), s["time_s"],
                     s["energy_kept_mean"], s["energy_kept_min"], s["rel_change_mean"], s["rel_change_max"])
         return summary
+
+    def recalibrate_bn_(self, model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
+                        steps_done: int) -> Optional[RecalibrationResult]:
+        """After the final projection: recompute ``model``'s BN statistics on ``config.precise_bn_iters``
+        training batches (:func:`~lrpet_dense.core.bn.recalibrate_bn_`; nothing when it is 0).
+
+        A failure changes no statistic; it stops training (``on_error='raise'``) or is logged (``'skip'``).
+        In a distributed job every rank must call this.
+        """
+        n = self.config.precise_bn_iters
+        if n == 0:
+            return None
+        try:
+            return recalibrate_bn_(model, batches, forward, n)
+        except Exception as e:
+            message = (f"LRPET: recomputing the BN statistics after the final projection (step {steps_done}) "
+                       f"failed and changed none: {type(e).__name__}: {e}")
+            if self.config.on_error == "raise":
+                raise ProjectionError(message + ". Set precise_bn_iters=0 to save the model without it.",
+                                      steps_done) from e
+            logger.error("%s. Skipped (on_error='skip').", message)
+            return None
 
     def state_dict(self) -> dict:
         return {"last_iter": self.last_iter, "num_projections": self.num_projections}

@@ -9,10 +9,12 @@ step). A plain PyTorch loop calls :meth:`LRPETSession.step` after each ``optimiz
 in their checkpoints, so when and what to project, the final projection, the logged scalars and
 the resume checks are the same everywhere.
 
-After the final projection the session runs its :attr:`LRPETSession.final_steps` (callables taking
-the session), in order: the place for end-of-training work on the projected weights. A hook that can
-run training-mode forward passes on training data sets :attr:`LRPETSession.train_forward` for such
-steps.
+After the final projection the session recomputes the BN statistics for the final weights
+(``config.precise_bn_iters`` training batches, :func:`~lrpet_dense.core.recalibrate_bn_`) when the
+training loop supplied its training data as :attr:`LRPETSession.train_data` (both framework hooks do;
+a plain loop passes it to :func:`~lrpet_dense.core.prepare`), then runs its
+:attr:`LRPETSession.final_steps` (callables taking the session), in order: the place for more
+end-of-training work on the projected weights.
 
 Example:
     >>> import torch
@@ -29,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -91,11 +93,16 @@ class LRPETSession:
         self.projector = LRPETProjector(config)
         self.total_steps = total_steps
         self.steps_done = 0
-        #: Callables ``fn(session)`` run once, in order, right after the final projection.
+        #: Callables ``fn(session)`` run once, in order, right after the final projection (and the BN
+        #: recalibration).
         self.final_steps: List[Callable[["LRPETSession"], Any]] = []
-        #: ``fn(n)``: ``n`` training-mode forward passes on training data, where the training loop can
-        #: supply them (for :attr:`final_steps`); None otherwise.
-        self.train_forward: Optional[Callable[[int], Any]] = None
+        #: ``(batches, forward)``: training batches (e.g. the training data loader) and ``forward(model,
+        #: batch)``, the model's training-mode forward on one, where the training loop can supply them: the
+        #: BN statistics are recomputed on them after the final projection (``config.precise_bn_iters``).
+        #: None: they are not (said once in the log when ``precise_bn_iters`` asks for it).
+        self.train_data: Optional[Tuple[Iterable[Any], Callable[[nn.Module, Any], Any]]] = None
+        #: Where the session's own messages go (a framework hook sets its runner's logger).
+        self.log: logging.Logger = logger
         self.finished = False
 
     # -- the plan ---------------------------------------------------------------------------------
@@ -127,9 +134,13 @@ class LRPETSession:
         """Whether to project after ``steps_done`` optimizer steps (see :class:`~lrpet_dense.core.LRPETProjector`)."""
         return self.projector.should_project(steps_done, is_last)
 
-    def project(self, steps_done: Optional[int] = None) -> ProjectionSummary:
-        """Project the planned layers now, in place (atomic; shared over ranks in a distributed job)."""
-        return self.projector.project_(self.layers, self.plan, self.steps_done if steps_done is None else steps_done)
+    def project(self, steps_done: Optional[int] = None, *, final: bool = False) -> ProjectionSummary:
+        """Project the planned layers now, in place (atomic; shared over ranks in a distributed job).
+
+        ``final``: the projection after the last step, always at the plan's ranks (during a
+        ``rank_warmup`` earlier projections use larger ranks)."""
+        return self.projector.project_(self.layers, self.plan, self.steps_done if steps_done is None else steps_done,
+                                       final=final)
 
     def step(self, steps_done: Optional[int] = None, *, is_last: Optional[bool] = None) -> Optional[ProjectionSummary]:
         """Call once after every optimizer step: projects when the schedule says so.
@@ -148,9 +159,9 @@ class LRPETSession:
         self.steps_done = self.steps_done + 1 if steps_done is None else int(steps_done)
         if is_last is None:
             is_last = self.total_steps is not None and self.steps_done >= self.total_steps
-        summary = self.project() if self.should_project(self.steps_done, is_last) else None
+        summary = self.project(final=is_last) if self.should_project(self.steps_done, is_last) else None
         if is_last:
-            self._run_final_steps()
+            self._run_final_steps(summary)
         return summary
 
     def finish(self) -> Optional[ProjectionSummary]:
@@ -161,16 +172,33 @@ class LRPETSession:
         """
         summary = None
         if self.steps_done >= 1 and self.projector.last_iter != self.steps_done:
-            summary = self.project()
-        self._run_final_steps()
+            summary = self.project(final=True)
+        self._run_final_steps(summary)
         return summary
 
-    def _run_final_steps(self) -> None:
+    def _run_final_steps(self, summary: Optional[ProjectionSummary]) -> None:
         if self.finished:
             return
         self.finished = True
+        if summary is None or summary.error is None:  # not after a failed (skipped) final projection
+            self._recalibrate_bn()
         for fn in self.final_steps:
             fn(self)
+
+    def _recalibrate_bn(self) -> None:
+        if self.config.precise_bn_iters == 0:
+            return
+        if self.train_data is None:
+            self.log.info("LRPET: BN statistics are not recomputed after the final projection (precise_bn_iters=%d): "
+                          "the training loop supplied no training data (LRPETSession.train_data)",
+                          self.config.precise_bn_iters)
+            return
+        batches, forward = self.train_data
+        done = self.projector.recalibrate_bn_(self.model, batches, forward, self.steps_done)
+        if done is not None:
+            self.log.info("LRPET: BN recalibration after the final projection: running statistics of %d BatchNorm "
+                          "layers recomputed from %d training batches (precise_bn_iters)", done.num_layers,
+                          done.num_batches)
 
     def scalars(self, summary: ProjectionSummary, prefix: str = "lrpet/") -> Dict[str, float]:
         """The scalars every hook logs for one projection (the summary's and ``num_projections``)."""

@@ -17,7 +17,7 @@ visibly costs accuracy:
 
 The files are what the frameworks' VOC loaders and evaluators read (see ``toy_voc``). Usage::
 
-    python -m lrpet_dense.data.proxy_voc OUT_DIR [--train 160] [--test 40] [--size 96] [--seed 0]
+    python -m lrpet_dense.data.proxy_voc OUT_DIR [--train 160] [--test 40] [--size 96] [--seed 0] [--classes 8]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import argparse
 import logging
 import math
 import random
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -48,6 +48,9 @@ _STYLE: Dict[str, Tuple[str, str]] = {
     "sheep": ("diamond", "checker"),
 }
 PROXY_CLASSES = tuple(_STYLE)
+#: Which classes a smaller proxy keeps (``num_classes`` < 8): the first ones of this order, chosen so that
+#: shapes stay shared between classes (triangles, ellipses) and so do textures (horizontal stripes).
+_SUBSET_ORDER = ("aeroplane", "bird", "dog", "cat", "boat", "car", "person", "sheep")
 _HUES = [(200, 60, 50), (60, 170, 70), (50, 90, 210), (210, 190, 50), (170, 70, 190), (60, 180, 190)]
 
 
@@ -123,13 +126,14 @@ def _background(rng: random.Random, size: int, noise: float) -> np.ndarray:
 
 
 def _draw_scene(rng: random.Random, size: int, noise: float = 10.0, max_objects: int = 6,
-                object_size: Tuple[float, float] = (0.08, 0.4), distractors: Tuple[int, int] = (1, 3)):
+                object_size: Tuple[float, float] = (0.08, 0.4), distractors: Tuple[int, int] = (1, 3),
+                classes: Tuple[str, ...] = PROXY_CLASSES):
     img = _background(rng, size, noise)
     label = np.zeros((size, size), np.uint8)
     lo, hi = (max(4, int(math.floor(size * f + 1e-9))) for f in object_size)
     placed = []  # (class, box, full mask) in drawing order
     items = [("distractor", None) for _ in range(rng.randint(*distractors))]
-    items += [("object", rng.choice(PROXY_CLASSES)) for _ in range(rng.randint(2, max_objects))]
+    items += [("object", rng.choice(classes)) for _ in range(rng.randint(2, max_objects))]
     rng.shuffle(items)
     for kind, cls in items:
         w, h = rng.randint(lo, hi), rng.randint(lo, hi)
@@ -163,7 +167,7 @@ def _draw_scene(rng: random.Random, size: int, noise: float = 10.0, max_objects:
 
 
 def make_proxy_voc(root: str, num_train: int = 160, num_test: int = 40, size: int = 96, seed: int = 0, *,
-                   noise: float = 10.0) -> str:
+                   noise: float = 10.0, num_classes: int = 8, classes: Optional[Sequence[str]] = None) -> str:
     """Write the proxy dataset as ``root/VOCdevkit`` (``VOC2007`` detection, ``VOC2012`` segmentation); return it.
 
     Deterministic for given arguments.
@@ -175,12 +179,26 @@ def make_proxy_voc(root: str, num_train: int = 160, num_test: int = 40, size: in
         size: square image side (>= 64). Defaults to 96.
         seed: random seed. Defaults to 0.
         noise: standard deviation of the background's pixel noise. Defaults to 10.
+        num_classes: how many of the eight classes appear (2 to 8; fewer make an easier, faster-learned task).
+            Defaults to 8.
+        classes: which of :data:`PROXY_CLASSES` appear, by name (instead of ``num_classes``; e.g. disjoint
+            sets for a source task to pretrain on and a target task). Defaults to None.
     """
     if num_train < 1 or num_test < 1 or size < 64:
         raise ValueError(f"need num_train >= 1, num_test >= 1, size >= 64; got {num_train}, {num_test}, {size}")
     if not (math.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
-    return write_voc(root, lambda rng: _draw_scene(rng, size, noise), num_train, num_test, size, seed, "proxy")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= len(PROXY_CLASSES):
+        raise ValueError(f"num_classes must be an integer in [2, {len(PROXY_CLASSES)}], got {num_classes!r}")
+    if classes is not None:
+        unknown = [c for c in classes if c not in PROXY_CLASSES]
+        if unknown or len(set(classes)) < 1 or len(set(classes)) != len(tuple(classes)):
+            raise ValueError(f"classes must be distinct names from {PROXY_CLASSES}, got {classes!r}")
+        classes = tuple(classes)
+    else:
+        classes = PROXY_CLASSES if num_classes == len(PROXY_CLASSES) else _SUBSET_ORDER[:num_classes]
+    return write_voc(root, lambda rng: _draw_scene(rng, size, noise, classes=classes), num_train, num_test, size, seed,
+                     "proxy")
 
 
 def main(argv=None) -> None:
@@ -191,9 +209,10 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", type=float, default=10.0)
+    parser.add_argument("--classes", type=int, default=8)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    make_proxy_voc(args.root, args.train, args.test, args.size, args.seed, noise=args.noise)
+    make_proxy_voc(args.root, args.train, args.test, args.size, args.seed, noise=args.noise, num_classes=args.classes)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,13 @@ def add_lrpet_config(cfg: CN) -> None:
     _C.LRPET.TARGET_LATENCY_CUT = _D.target_latency_cut
     # JSON file caching the per-layer latency table (measured on this device where missing or stale).
     _C.LRPET.LATENCY_TABLE = _D.latency_table
+    # Steps (int >= 0) over which the projections' ranks shrink linearly from full rank to the plan's;
+    # the final projection always uses the plan's. 0 = the plan's ranks from the first projection.
+    _C.LRPET.RANK_WARMUP = _D.rank_warmup
+    # After the final projection, recompute BN running statistics on this many training batches (int
+    # >= 0; 0 = off), so the saved model's statistics belong to its final weights. Not used when
+    # TEST.PRECISE_BN.ENABLED (detectron2's PreciseBN then does it); nothing to do with FrozenBN.
+    _C.LRPET.PRECISE_BN_ITERS = _D.precise_bn_iters
 
 
 def _overrides(flat) -> dict:

@@ -75,6 +75,11 @@ def insert_before_checkpointer(hook_list: List[Optional[HookBase]], hook: HookBa
     return hook_list
 
 
+def _training_forward(model: nn.Module, batch) -> None:
+    """detectron2's training forward (losses, no backward) on one loader batch."""
+    model(batch)
+
+
 class LRPETHook(HookBase):
     """Project the planned convs in place every ``interval`` steps and after the last step.
 
@@ -123,6 +128,15 @@ class LRPETHook(HookBase):
         if not self._logged_plan:
             self.session.log_plan(logger)
             self._logged_plan = True
+        # BN statistics for the final weights (LRPET.PRECISE_BN_ITERS), on the trainer's own data loader,
+        # unless detectron2's PreciseBN hook (TEST.PRECISE_BN), which runs after this one at the last step,
+        # recomputes them anyway.
+        if self.session.config.precise_bn_iters and self.session.train_data is None:
+            if any(isinstance(h, hooks.PreciseBN) for h in getattr(self.trainer, "_hooks", ())):
+                logger.info("LRPET: BN statistics after the final projection are recomputed by detectron2's "
+                            "PreciseBN (TEST.PRECISE_BN); LRPET.PRECISE_BN_ITERS is not used")
+            elif getattr(self.trainer, "data_loader", None) is not None:
+                self.session.train_data = (self.trainer.data_loader, _training_forward)
 
     def after_step(self):
         steps_done = self.trainer.iter + 1

@@ -45,6 +45,11 @@ def build_plan(model: nn.Module, layers: Sequence[ConvBN], config: LRPETConfig,
     return ADAPTER.build_plan(model, layers, config, input_hw)
 
 
+def _loss_forward(model: nn.Module, data_batch) -> None:
+    """A segmentor's training forward on a loader batch (no backward): every BN a training step updates sees it."""
+    model(**model.data_preprocessor(data_batch, True), mode="loss")
+
+
 @HOOKS.register_module()
 class LRPETHook(Hook):
     """Project the selected convs onto their planned rank every ``interval`` iterations.
@@ -54,8 +59,9 @@ class LRPETHook(Hook):
             ``ratio`` (default 0.5) or ``target_macs_cut``, ``overrides``, ``include`` (default: every
             conv of the backbone), ``exclude``, ``include_frozen``, ``interval`` (500), ``begin``,
             ``energy_transfer``, ``bn_rectification``, ``ridge``, ``residual``, ``on_error``,
-            ``plan_input_size`` (default: the crop size), ``rank_policy``. detectron2's
-            ``cfg.LRPET.<KEY>`` are the same options.
+            ``plan_input_size`` (default: the crop size), ``rank_policy``, ``rank_multiple``, ``rank_warmup``,
+            ``precise_bn_iters`` (200: BN statistics recomputed on the runner's training data after the final
+            projection). detectron2's ``cfg.LRPET.<KEY>`` are the same options.
     """
 
     # Runs after the optimizer step, before LoggerHook (BELOW_NORMAL) logs the scalars and before
@@ -85,6 +91,8 @@ class LRPETHook(Hook):
         """Pair convs with their BNs and plan (a factorised model is refused), then take over the schedule
         (and plan) of a resumed checkpoint."""
         self.session = ADAPTER.session(runner.model, self.config, log=runner.logger)
+        # BN statistics for the final weights (precise_bn_iters), on the runner's training data
+        self.session.train_data = (runner.train_dataloader, _loss_forward)
         if self.resumed_state is not None:
             self.session.load_state_dict(self.resumed_state)
             self.resumed_state = None

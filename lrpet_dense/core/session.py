@@ -35,6 +35,7 @@ from torch import nn
 
 from .config import LRPETConfig
 from .factorize import model_plan
+from .plancheck import warn_extreme_plan
 from .projection import ConvBN
 from .rank import RankPlan
 from .schedule import LRPETProjector, ProjectionSummary
@@ -68,6 +69,10 @@ class LRPETSession:
         total_steps: the number of optimizer steps of the run, when known: :meth:`step` then projects
             after the last one by itself. Defaults to None (call :meth:`finish` at the end).
 
+    An extreme plan (the first projection would keep less than ``config.warn_energy_below`` of a planned
+    conv's energy, or ranks below ``config.warn_rank_below``) is warned about once, here
+    (:mod:`lrpet_dense.core.plancheck`).
+
     Raises:
         ValueError: the model is factorised, or the plan does not fit ``layers``.
     """
@@ -88,6 +93,7 @@ class LRPETSession:
         self.selected: List[ConvBN] = list(layers)
         self._check_plan(plan, "the rank plan")
         self.plan = plan
+        warn_extreme_plan(self.layers, plan, config)  # once: a plan that keeps too little energy, or tiny ranks
         self.projector = LRPETProjector(config)
         self.total_steps = total_steps
         self.steps_done = 0

@@ -92,6 +92,11 @@ def add_lrpet_config(cfg: CN) -> None:
     _C.LRPET.TARGET_LATENCY_CUT = _D.target_latency_cut
     # JSON file caching the per-layer latency table (measured on this device where missing or stale).
     _C.LRPET.LATENCY_TABLE = _D.latency_table
+    # Warn once, when training starts, when the first projection would keep less than this share of a
+    # planned conv's spectral energy (its BN-folded weights at planning time), in [0, 1); 0.0 = off.
+    _C.LRPET.WARN_ENERGY_BELOW = _D.warn_energy_below
+    # Warn likewise when a planned conv's rank is below this (int >= 0); 0 = off.
+    _C.LRPET.WARN_RANK_BELOW = _D.warn_rank_below
 
 
 def _overrides(flat) -> dict:

@@ -41,14 +41,15 @@ class _Records(logging.Handler):
         self.messages = []
 
     def emit(self, record):
-        self.messages.append(record.getMessage())
+        if record.getMessage().startswith("LRPET: an extreme rank plan"):
+            self.messages.append(record.getMessage())
 
 
 @pytest.fixture
 def plan_warnings():
-    """The warnings of ``lrpet_dense.core.plancheck`` (a handler on its logger: whatever propagates)."""
+    """The extreme-plan warnings logged under ``lrpet_dense`` (a handler on that logger: whatever propagates)."""
     records = _Records()
-    log = logging.getLogger("lrpet_dense.core.plancheck")
+    log = logging.getLogger("lrpet_dense")
     log.addHandler(records)
     yield records.messages
     log.removeHandler(records)
@@ -305,5 +306,10 @@ def test_detectron2_and_mmseg_warn_about_an_extreme_plan(plan_warnings, tmp_path
         seg_cfg = Config.fromfile(str(SEG_TOY_CFG))
     init_default_scope("mmseg")
     seg = MODELS.build(seg_cfg.model)
-    lm.ADAPTER.session(seg, LRPETConfig(ratio=0.99, include=("backbone.layer1.*",)))  # the hook's path
+    lm.ADAPTER.session(seg, LRPETConfig(ratio=0.99, include=("backbone.layer1.*",)))
     assert len(plan_warnings) == 2 and "'backbone.layer1." in plan_warnings[1]
+    runner = mock.MagicMock()  # the mmseg hook: the warning goes to mmengine's logger (its log file)
+    runner.model = seg
+    lm.LRPETHook(ratio=0.99, include=["backbone.layer1.*"]).before_train(runner)
+    warned = [c.args[0] for c in runner.logger.warning.call_args_list]
+    assert len(warned) == 1 and warned[0].startswith("LRPET: an extreme rank plan (p=0.99)")

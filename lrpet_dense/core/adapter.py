@@ -230,7 +230,7 @@ class Adapter:
         pairing = self.pair_convs(model, config, filter_fn)
         pairing.log(log or logger)
         plan = self.build_plan(model, pairing.layers, config, input_hw)
-        return LRPETSession(model, pairing.layers, plan, config, total_steps=total_steps)
+        return LRPETSession(model, pairing.layers, plan, config, total_steps=total_steps, log=log)
 
     def _check_inputs(self, model: nn.Module, check_hw: Optional[Tuple[int, int]]) -> Any:
         return self.check_inputs(model, _hw(check_hw or CHECK_HW, "check_hw"))

@@ -68,6 +68,8 @@ class LRPETSession:
         config: the schedule (``interval``, ``begin``, ``on_error``) and projection options.
         total_steps: the number of optimizer steps of the run, when known: :meth:`step` then projects
             after the last one by itself. Defaults to None (call :meth:`finish` at the end).
+        log: where the warning about an extreme plan goes (e.g. a framework's logger). Defaults to None:
+            ``lrpet_dense.core.plancheck``'s logger.
 
     An extreme plan (the first projection would keep less than ``config.warn_energy_below`` of a planned
     conv's energy, or ranks below ``config.warn_rank_below``) is warned about once, here
@@ -78,7 +80,7 @@ class LRPETSession:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[ConvBN], plan: RankPlan, config: LRPETConfig, *,
-                 total_steps: Optional[int] = None):
+                 total_steps: Optional[int] = None, log: Optional[logging.Logger] = None):
         if not isinstance(config, LRPETConfig):
             raise TypeError(f"LRPETSession takes an LRPETConfig, got {type(config).__name__}")
         if not isinstance(plan, RankPlan):
@@ -93,7 +95,7 @@ class LRPETSession:
         self.selected: List[ConvBN] = list(layers)
         self._check_plan(plan, "the rank plan")
         self.plan = plan
-        warn_extreme_plan(self.layers, plan, config)  # once: a plan that keeps too little energy, or tiny ranks
+        warn_extreme_plan(self.layers, plan, config, log)  # once: a plan keeping too little energy, or tiny ranks
         self.projector = LRPETProjector(config)
         self.total_steps = total_steps
         self.steps_done = 0

@@ -4,11 +4,10 @@ or output file is built (our CLI: one ``error:`` line, exit status 2; detectron2
 extreme rank plans warned about once, in every framework and the plain route."""
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import os
-from pathlib import Path
+import re
 from unittest import mock
 
 import pytest
@@ -81,7 +80,7 @@ def test_train_det_with_an_lrpet_option_out_of_range_builds_and_writes_nothing(t
         with mock.patch.object(train_det, "launch", side_effect=AssertionError("launched")):
             assert _cli(["train-det", "--config", D2_TOY_CFG, *D2_TINY, *opts, "OUTPUT_DIR", out]) == 2
         line = _one_error_line(capsys)
-        assert __import__("re").search(match, line), line
+        assert re.search(match, line), line
         assert not out.exists()
 
 
@@ -203,7 +202,7 @@ def test_a_detectron2_checkpoint_given_to_compress_seg_is_a_short_error(tmp_path
     assert _cli(["compress", "seg", SEG_TOY_CFG, bare, out]) == 2
     line = _one_error_line(capsys)
     assert len(line) < 1000, len(line)
-    assert __import__("re").search(r"\d+ of the model's \d+ keys are missing from it \('backbone\.", line)
+    assert re.search(r"\d+ of the model's \d+ keys are missing from it \('backbone\.", line)
     assert f"{len(state)} of its keys are not in the model" in line and "shares no key with the model" in line
     assert _cli(["compress", "seg", SEG_TOY_CFG, trained, out]) == 2
     line = _one_error_line(capsys)
@@ -237,8 +236,6 @@ def _plain_net():
 
 
 def test_plain_extreme_plan_is_warned_about_once_with_the_projection_s_own_figures(plan_warnings):
-    import re
-
     import lrpet_dense as lrpet
 
     model, x = _plain_net(), torch.randn(2, 3, 16, 16)

@@ -74,8 +74,8 @@ class ExtremePlan:
         if self.low_energy:
             text += (" The energy is that of the weights now, when the plan is made (BN-folded, as the projection "
                      "sees them): from trained weights it is what the first projection removes; from a random "
-                     "initialisation it says little (a random weight's energy is spread over all its singular values, so "
-                     "it is close to the rank share k/m).")
+                     "initialisation it says little (a random weight's energy is spread over all its singular "
+                     "values, so it is close to the rank share k/m).")
         return (text + " Training goes on. If this plan is what you want, silence this warning with "
                 "warn_energy_below=0 and warn_rank_below=0 (LRPETConfig / mmseg LRPETHook keywords; detectron2: "
                 "LRPET.WARN_ENERGY_BELOW 0.0, LRPET.WARN_RANK_BELOW 0; a LazyConfig: lrpet.warn_energy_below=0); "

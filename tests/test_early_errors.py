@@ -126,6 +126,9 @@ def test_lrpet_trainer_checks_the_options_before_building_anything():
     with mock.patch.object(LRPETTrainer, "build_model", side_effect=AssertionError("a model was built")), \
             pytest.raises(ValueError, match=r"cfg\.LRPET\.RATIO must lie in \[0, 1\) .*got 1\.5"):
         LRPETTrainer(cfg)
+    with mock.patch.object(LRPETTrainer, "build_model", side_effect=AssertionError("a model was built")), \
+            pytest.raises(ValueError, match=r"no LRPET keys: call lrpet_dense\.detectron2\.add_lrpet_config\(cfg\)"):
+        LRPETTrainer(get_cfg())
 
 
 def _lazy_script():

@@ -123,6 +123,9 @@ def lrpet_config(cfg) -> LRPETConfig:
     """
     if not isinstance(cfg, CN):
         return _lazy_lrpet_config(cfg)
+    if "LRPET" not in cfg:
+        raise ValueError("the config has no LRPET keys: call lrpet_dense.detectron2.add_lrpet_config(cfg) after "
+                         "get_cfg(), before merging the config file")
     c = cfg.LRPET
     options = {name: c[name.upper()] for name in LRPETConfig.field_names() if name.upper() in c}
     options["overrides"] = _overrides(c.OVERRIDES)

@@ -88,6 +88,8 @@ def do_train(args, cfg):
 def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if lrpet_enabled(cfg):
+        lrpet_config(cfg)  # LRPET: every option checked before anything is built or written
     default_setup(cfg, args)
     setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="lrpet_dense")  # LRPET: logs
     register_toy_voc_from_env()  # the toy VOC set of the tests and docs, when $LRPET_TOY_VOC names one

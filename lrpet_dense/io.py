@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
+import secrets
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Tuple
 
 import torch
 
@@ -14,11 +14,24 @@ __all__ = ["atomic_save", "load_checkpoint_safe", "check_checkpoint_file", "chec
            "plain_data"]
 
 
+def _new_temp_file(folder: str, suffix: str) -> Tuple[int, str]:
+    """A new hidden file in ``folder``, opened for writing, with the mode the umask gives a new file
+    (``tempfile.mkstemp`` makes it 0600, which the rename would keep)."""
+    for _ in range(100):
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {folder!r}")
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temp file in the target folder, then rename: never a half-written file."""
+    """``torch.save`` to a temp file in the target folder, then rename: never a half-written file (its mode
+    is the umask's, as for any new file)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    fd, tmp = _new_temp_file(folder, ".pth")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

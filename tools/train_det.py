@@ -3,7 +3,9 @@
 
     python tools/train_det.py --config configs/faster_rcnn_lrpet.yaml [--num-gpus N] [--resume] [--eval-only] [KEY VALUE ...]
 """
+import sys
+
 from lrpet_dense.cli.train_det import get_parser, main, run  # noqa: F401  (main: detectron2's launch target)
 
 if __name__ == "__main__":
-    run()
+    sys.exit(run())

@@ -29,8 +29,7 @@ def _add_train_det(sub) -> None:
     def run(args) -> int:
         from .train_det import run as train
 
-        train(args.args)
-        return 0
+        return train(args.args)
 
     p.set_defaults(run=run)
 
@@ -85,8 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # so detectron2's own command line (``--config ...``) is handed over as it is.
         from .train_det import run as train
 
-        train(argv[1:])
-        return 0
+        return train(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)
 

@@ -16,7 +16,9 @@ same input: mmseg's logits within float32 tolerance; detectron2's detector stage
 the same inputs in both runtimes (RPN head and box predictor outputs within float32 tolerance; the
 proposals and detections must be a selection detectron2's NMS and top-k could make from the same
 candidates, as ties may break either way). The check is printed; a failed check is exit status 2 and
-the file is not kept. Factorised ranks are zero-padded to multiples of ``--align-ranks`` (16) in the file:
+the file is not kept. The file is self-contained (the weights inside it; above protobuf's 2 GB they are
+in ``NAME.onnx.data`` beside it, named in the success line), checked in ONNX Runtime in a folder of its
+own before it is moved into place, so it runs wherever it is moved; no temporary file is left behind. Factorised ranks are zero-padded to multiples of ``--align-ranks`` (16) in the file:
 exact (the added channels are zeros; the check above compares the file with the model as loaded), a
 few more MACs, and 9-15% less ONNX Runtime latency for the backbones of unaligned plans (whole models
 5-13%) measured on an AVX-512 Xeon (``benchmarks/README.md``).
@@ -79,8 +81,11 @@ def _report(result: dict, path: str, model, multiple: int) -> int:
     from lrpet_dense.core.deploy import unaligned_ranks
 
     check = ", ".join(f"{'output ' + k if k.isdigit() else k} {v:.3g}" for k, v in result["check"].items())
-    print(f"wrote {path}: {result['inputs']} -> {result['outputs']} outputs; ONNX Runtime vs PyTorch on the same input, "
-          f"max |difference| (within float32 tolerance): {check or 'no outputs'}")
+    files = result.get("files") or [path]
+    written = path if len(files) == 1 else (f"{path} and its weights {', '.join(files[1:])} (above protobuf's 2 GB; "
+                                            "keep the files together)")
+    print(f"wrote {written}: {result['inputs']} -> {result['outputs']} outputs; ONNX Runtime vs PyTorch on the same "
+          f"input, max |difference| (within float32 tolerance): {check or 'no outputs'}")
     if result["aligned"]:
         print(f"ranks of {len(result['aligned'])} factorised convs zero-padded to multiples of {multiple} in the file "
               "(exact; for the runtime's vector width)")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import List, Optional
 
 from .common import DictAction
@@ -115,7 +116,11 @@ def run(args) -> int:
         print(text)
         print(f"summary written to {args.out}")
         return 0
-    data = _measure_det(args) if args.framework == "det" else _measure_seg(args)
+    try:  # bad input (a config, an option, a checkpoint): one error line, exit status 2, no report written
+        data = _measure_det(args) if args.framework == "det" else _measure_seg(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     paths = write_report(data, args.out)
     if not args.quiet:
         with open(paths["markdown"]) as f:

@@ -19,17 +19,16 @@ lrpet_dense.data.toy_voc OUT``), ``voc_toy_2007_*`` / ``voc_toy3_2007_*`` are re
 """
 import argparse
 import os
+import sys
 from typing import List, Optional
 
 import detectron2.utils.comm as comm
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
 from detectron2.utils.logger import setup_logger
 
-from lrpet_dense.detectron2 import (CompressedAwareCheckpointer, LRPETTrainer, add_lrpet_config,
-                                    register_toy_voc_from_env)
+from lrpet_dense.detectron2 import CompressedAwareCheckpointer, LRPETTrainer, register_toy_voc_from_env
 from lrpet_dense.io import check_checkpoint_file
 
 
@@ -47,20 +46,35 @@ class Trainer(LRPETTrainer):
         raise NotImplementedError(f"no evaluator for dataset {dataset_name!r} of type {evaluator_type!r}")
 
 
+def load_config(args):
+    """The frozen config, every LRPET option checked (:func:`lrpet_dense.cli.common.det_config`), and the
+    local ``MODEL.WEIGHTS`` checked to be a complete file: nothing is built or written yet.
+
+    Raises:
+        ValueError: a LazyConfig or other Python config, an unknown key, an LRPET option out of range, an
+            empty or truncated weights file.
+        FileNotFoundError: no such config or weights file.
+    """
+    from lrpet_dense.configs import resolve
+
+    from .common import det_config
+
+    args.config_file = resolve(args.config_file)  # detectron2's default_setup logs and copies this file
+    cfg = det_config(args.config_file, args.opts, register=False)
+    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and (args.eval_only or not args.resume):
+        # A missing or truncated local file: a clear error naming it, before anything is built.
+        check_checkpoint_file(cfg.MODEL.WEIGHTS)
+    return cfg
+
+
 def setup(args):
-    """Create the config, with the LRPET keys, and do detectron2's basic setup.
+    """Create the config, with the LRPET keys (checked: :func:`load_config`), and do detectron2's basic
+    setup (which writes ``config.yaml`` and the log in ``OUTPUT_DIR``).
 
     ``--config`` is a file, or the name of a config shipped with lrpet_dense (``faster_rcnn_lrpet.yaml``,
     ``toy/faster_rcnn_lrpet_toy.yaml``; :func:`lrpet_dense.configs.resolve`).
     """
-    from lrpet_dense.configs import resolve
-
-    args.config_file = resolve(args.config_file)  # detectron2's default_setup logs and copies this file
-    cfg = get_cfg()
-    add_lrpet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_config(args)
     default_setup(cfg, args)
     # detectron2 projects log through their own package logger (e.g. PointSup's "point_sup").
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="lrpet_dense")
@@ -70,9 +84,6 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
-    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and (args.eval_only or not args.resume):
-        # A missing or truncated local file: a clear error naming it, before anything is built.
-        check_checkpoint_file(cfg.MODEL.WEIGHTS)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         CompressedAwareCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
@@ -95,13 +106,24 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: Optional[List[str]] = None):
+def run(argv: Optional[List[str]] = None) -> int:
     """Parse detectron2's command line (``--config``, ``--num-gpus``, ``--resume``, ``--eval-only``, ``KEY VALUE``)
-    and train or evaluate under detectron2's ``launch``."""
+    and train or evaluate under detectron2's ``launch``; returns the exit status.
+
+    The config is read and checked first (:func:`load_config`): bad input (a LazyConfig, an unknown key, an
+    LRPET option out of range, a missing weights file) is one ``error:`` line on stderr and exit status 2,
+    with nothing built or written.
+    """
     parser = get_parser()
     args = parser.parse_args(argv)
     if not args.config_file:
         parser.error("a config file is required: --config configs/faster_rcnn_lrpet.yaml")
+    try:
+        load_config(argparse.Namespace(**vars(args)))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("Command Line Args:", args)
-    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                  dist_url=args.dist_url, args=(args,))
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+    return 0

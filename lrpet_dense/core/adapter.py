@@ -27,6 +27,7 @@ module functions of the same names, so the frameworks cannot drift apart.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -39,7 +40,7 @@ from .rank import RankPlan
 from .selection import FilterFn, Pairing, output_sizes, pair_with, plan_layers
 from .session import FACTORIZED_MODEL_ERROR, LRPETSession
 
-__all__ = ["Adapter", "PlanForwards", "CHECK_HW"]
+__all__ = ["Adapter", "PlanForwards", "CHECK_HW", "summarize_names", "summarize_load_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,52 @@ def _hw(size: Any, what: str) -> Tuple[int, int]:
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
         raise ValueError(f"{what} must be (H, W) of positive integers, got {size!r}")
     return int(size[0]), int(size[1])
+
+
+def summarize_names(names: Sequence[str], shown: int = 3) -> str:
+    """``names`` for an error message: all of them when few, else the count and the first ``shown``."""
+    names = list(names)
+    if len(names) <= shown + 1:
+        return ", ".join(repr(n) for n in names) or "nothing"
+    return f"{len(names)}: " + ", ".join(repr(n) for n in names[:shown]) + ", ..."
+
+
+def summarize_load_error(message: str, model_keys: int, shared_keys: Optional[int] = None, shown: int = 3) -> str:
+    """torch's ``load_state_dict`` error (every missing and unexpected key listed) summarised: counts and the
+    first ``shown`` names of each kind; a checkpoint that shares no key with the model (``shared_keys == 0``)
+    is called one of another model."""
+    missing: List[str] = []
+    unexpected: List[str] = []
+    shapes: List[str] = []
+    other: List[str] = []
+    for line in message.split("\n\t")[1:] if "\n\t" in message else [message]:
+        line = line.strip()
+        if line.startswith("Missing key(s) in state_dict:"):
+            missing += re.findall(r'"([^"]+)"', line)
+        elif line.startswith("Unexpected key(s) in state_dict:"):
+            unexpected += re.findall(r'"([^"]+)"', line)
+        elif line.startswith("size mismatch for "):
+            m = re.match(r"size mismatch for (.+?): copying a param with shape (.+?) from checkpoint, "
+                         r"the shape in current model is (.+?)\.?$", line)
+            shapes.append(f"{m.group(1)!r} {m.group(2)} in the checkpoint, {m.group(3)} in the model" if m else line)
+        elif line:
+            other.append(line if len(line) <= 300 else line[:300] + " ...")
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {model_keys} keys are missing from it "
+                     f"({', '.join(map(repr, missing[:shown]))}{', ...' if len(missing) > shown else ''})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} of its keys are not in the model "
+                     f"({', '.join(map(repr, unexpected[:shown]))}{', ...' if len(unexpected) > shown else ''})")
+    if shapes:
+        parts.append(f"{len(shapes)} keys have another shape ({'; '.join(shapes[:shown])}"
+                     f"{'; ...' if len(shapes) > shown else ''})")
+    parts += other[:shown]
+    text = "; ".join(parts) if parts else message.strip()[:500]
+    if shared_keys == 0:
+        text += ". It shares no key with the model: a checkpoint of another model or framework (e.g. a detectron2 " \
+                "checkpoint given to an mmseg command, or the other way round)?"
+    return text
 
 
 class Adapter:
@@ -183,9 +230,7 @@ class Adapter:
         pairing = self.pair_convs(model, config, filter_fn)
         pairing.log(log or logger)
         plan = self.build_plan(model, pairing.layers, config, input_hw)
-        session = LRPETSession(model, pairing.layers, plan, config, total_steps=total_steps)
-        session.log = log or logger
-        return session
+        return LRPETSession(model, pairing.layers, plan, config, total_steps=total_steps, log=log)
 
     def _check_inputs(self, model: nn.Module, check_hw: Optional[Tuple[int, int]]) -> Any:
         return self.check_inputs(model, _hw(check_hw or CHECK_HW, "check_hw"))
@@ -308,7 +353,11 @@ class Adapter:
         if state is None:
             state = checkpoint if all(isinstance(v, torch.Tensor) for v in checkpoint.values()) and checkpoint else None
         if state is None:
-            raise ValueError(f"checkpoint {path!r} holds no model state dict (no {self.checkpoint_key!r} entry)")
+            other = {"model": "a detectron2 or plain PyTorch checkpoint?", "state_dict": "an mmengine (mmseg) "
+                     "checkpoint?"}
+            hint = next((f" ({h})" for k, h in other.items() if k != self.checkpoint_key and k in checkpoint), "")
+            raise ValueError(f"checkpoint {path!r} holds no model state dict (no {self.checkpoint_key!r} entry; it "
+                             f"has {summarize_names(list(checkpoint))}){hint}")
         if dense_only and self.is_compressed(checkpoint):
             raise ValueError(f"checkpoint {path!r} is already compressed (factorised); give the dense training "
                              "checkpoint it was made from")
@@ -322,5 +371,7 @@ class Adapter:
         try:
             model.load_state_dict(fixed, strict=True)
         except RuntimeError as e:  # missing / unexpected keys, size mismatches
-            raise ValueError(f"checkpoint {path!r} does not match the config's model: {str(e).strip()}") from e
+            keys = model.state_dict().keys()
+            raise ValueError(f"checkpoint {path!r} does not match the config's model: "
+                             f"{summarize_load_error(str(e), len(keys), len(keys & fixed.keys()))}") from None
         return model

@@ -98,6 +98,11 @@ class LRPETConfig:
             model's trainable BatchNorm layers on this many training batches, so the saved model's BN
             statistics belong to its final low-rank weights (:func:`~lrpet_dense.core.bn.recalibrate_bn_`).
             0 = off. Defaults to 200 (detectron2's ``TEST.PRECISE_BN.NUM_ITER``).
+        warn_energy_below: warn (once, when training starts) when the first projection would keep less
+            than this share of a planned conv's spectral energy (its BN-folded weight at planning time;
+            :mod:`lrpet_dense.core.plancheck`); in ``[0, 1)``, 0 = off. Defaults to 0.1.
+        warn_rank_below: warn (likewise) when a planned conv's rank is below this; an integer >= 0,
+            0 = off. Defaults to 4.
     """
 
     ratio: Optional[float] = None
@@ -120,6 +125,8 @@ class LRPETConfig:
     latency_table: Optional[str] = None
     rank_warmup: int = 0
     precise_bn_iters: int = 200
+    warn_energy_below: float = 0.1
+    warn_rank_below: int = 4
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -177,6 +184,12 @@ class LRPETConfig:
             raise ValueError(f"rank_multiple must be an integer >= 1, got {m!r}")
         if self.latency_table is not None and (not isinstance(self.latency_table, str) or not self.latency_table):
             raise ValueError(f"latency_table must be a file path, got {self.latency_table!r}")
+        set_("warn_energy_below", _fraction(self.warn_energy_below, "warn_energy_below",
+                                            "lie in [0, 1) (a share of a conv's spectral energy; 0 = no warning)",
+                                            lambda v: 0 <= v < 1))
+        v = self.warn_rank_below
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"warn_rank_below must be an integer >= 0 (a rank; 0 = no warning), got {v!r}")
 
     # -- derived ------------------------------------------------------------------------------------
     @property

@@ -2,8 +2,10 @@
 
 The frameworks' adapters decide *what* is exported (mmseg: the segmentor in ``mode='tensor'``, through
 ``torch.onnx.export``'s dynamo exporter; detectron2: its own ``TracingAdapter`` path, through the
-TorchScript exporter as detectron2's ``export_model.py`` does); this module writes the file
-atomically, runs it in ONNX Runtime and compares every output with PyTorch's (:func:`compare_onnx_outputs`,
+TorchScript exporter as detectron2's ``export_model.py`` does); this module writes the files
+(:func:`export_onnx`: one self-contained ``.onnx`` file, or ``NAME.onnx.data`` beside it above protobuf's
+2 GB, named after the output and moved into place together), runs them in ONNX Runtime from a folder of
+their own before they are moved, and compares every output with PyTorch's (:func:`compare_onnx_outputs`,
 or the adapter's own check).
 ``onnx`` and ``onnxruntime`` (and ``onnxscript`` for the dynamo exporter) are the ``export`` extra.
 """
@@ -11,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import stat
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["export_onnx", "export_aligned", "compare_onnx_outputs", "run_onnx", "ort_session", "ort_runner"]
+__all__ = ["export_onnx", "export_aligned", "save_onnx", "onnx_data_path", "PROTOBUF_LIMIT", "compare_onnx_outputs",
+           "run_onnx", "ort_session", "ort_runner"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,37 +34,107 @@ def _need(module: str) -> Any:
                           "onnxscript)") from e
 
 
+#: The largest ONNX file protobuf can write (2 GB): a model above it keeps its weights in ``NAME.onnx.data``.
+PROTOBUF_LIMIT = 2 ** 31 - 1
+
+
+def onnx_data_path(path: str) -> str:
+    """The external-data file of the ONNX file ``path`` (``NAME.onnx.data`` beside it), used only above
+    :data:`PROTOBUF_LIMIT`."""
+    return path + ".data"
+
+
+def save_onnx(model: Any, path: str) -> List[str]:
+    """Write an in-memory ONNX ``model`` (weights loaded) to ``path``, self-contained where protobuf allows.
+
+    Up to :data:`PROTOBUF_LIMIT` one file; above it the weights go to one file beside it,
+    :func:`onnx_data_path` (referenced by its name only, so the two files can be moved together). A
+    data file of an earlier save is replaced, never appended to. The written files get the mode the
+    umask gives a new file, and ``onnx.checker`` checks them from ``path``.
+
+    Returns:
+        The files written: ``[path]`` or ``[path, path + ".data"]``.
+    """
+    onnx = _need("onnx")
+    data = onnx_data_path(path)
+    if os.path.lexists(data):
+        os.unlink(data)
+    try:
+        size = model.ByteSize()
+    except Exception:  # noqa: BLE001 (protobuf may refuse to size a message above its limit)
+        size = PROTOBUF_LIMIT + 1
+    external = size > PROTOBUF_LIMIT
+    if external:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(data), size_threshold=1024)
+        # onnx's C++ writer creates the data file 0600; give it the mode Python gave the .onnx file (umask)
+        os.chmod(data, stat.S_IMODE(os.stat(path).st_mode))
+    else:
+        onnx.save_model(model, path)
+    onnx.checker.check_model(path)
+    return [path, data] if external else [path]
+
+
 def export_onnx(module: torch.nn.Module, args: Tuple[torch.Tensor, ...], path: str, *, dynamo: bool,
                 opset: int = 17, input_names: Optional[Sequence[str]] = None,
                 output_names: Optional[Sequence[str]] = None,
-                check: Optional[Callable[[str], Dict[str, float]]] = None) -> Dict[str, float]:
-    """``torch.onnx.export`` of ``module(*args)`` to ``path``, checked by ``onnx`` and by ``check`` (e.g.
-    :func:`compare_onnx_outputs` against PyTorch's) before it is moved into place: a file that fails a
-    check is never written to ``path``.
+                check: Optional[Callable[[str], Dict[str, float]]] = None) -> Dict[str, Any]:
+    """``torch.onnx.export`` of ``module(*args)`` to ``path``, checked before it is moved into place.
+
+    The exporter writes into a fresh hidden folder beside ``path``; its output is rewritten as the
+    files that will be kept, named after ``path`` (:func:`save_onnx`: one self-contained file, or
+    ``NAME.onnx.data`` beside it above protobuf's 2 GB), alone in a folder of their own. There they are
+    checked by ``onnx.checker`` and by ``check`` (e.g. :func:`compare_onnx_outputs` of ONNX Runtime's
+    outputs against PyTorch's), so a file that runs there runs wherever the files are moved together.
+    Only then are they moved to ``path`` (a ``NAME.onnx.data`` left by an earlier export of ``path``
+    is removed when the new file is self-contained). Nothing else is left behind, on success or
+    failure: a file that fails a check is never written to ``path``.
 
     Returns:
-        What ``check`` returns (``{}`` without one).
+        ``{"check": what check returns ({} without one), "files": the files written, path first}``.
+
+    Raises:
+        ValueError: ``path`` is a folder, or a check failed.
     """
     onnx = _need("onnx")
     if dynamo:
         _need("onnxscript")
-    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"ONNX output {path!r} is a folder; give the .onnx file to write")
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
-    os.close(fd)
+    work = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder)
     try:
+        raw, staged = os.path.join(work, "export"), os.path.join(work, "out")
+        os.mkdir(raw)
+        os.mkdir(staged)
         module.eval()
         with torch.no_grad():
-            torch.onnx.export(module, args, tmp, opset_version=opset, dynamo=dynamo, input_names=input_names,
-                              output_names=output_names)
+            torch.onnx.export(module, args, os.path.join(raw, name), opset_version=opset, dynamo=dynamo,
+                              input_names=input_names, output_names=output_names)
         module.eval()  # the TorchScript exporter restores the modes it found: keep inference mode
-        onnx.checker.check_model(tmp)
-        result = check(tmp) if check is not None else {}
-        os.replace(tmp, path)
+        model = onnx.load(os.path.join(raw, name))  # with its weights, wherever the exporter put them
+        shutil.rmtree(raw)
+        target = os.path.join(staged, name)
+        save_onnx(model, target)
+        del model
+        result = check(target) if check is not None else {}
+        files = sorted(os.listdir(staged))
+        expected = {name, os.path.basename(onnx_data_path(name))}
+        if name not in files or not set(files) <= expected:
+            raise ValueError(f"ONNX export of {path!r} produced {files}; expected {sorted(expected)}")
+        final = [os.path.join(folder, f) for f in files]
+        stale = onnx_data_path(os.path.join(folder, name))
+        for f in sorted(files, key=lambda f: f == name):  # the weights first, the graph that names them last
+            os.replace(os.path.join(staged, f), os.path.join(folder, f))
+        if stale not in final and os.path.lexists(stale):
+            os.unlink(stale)
+            logger.info("removed %s: the weights of an earlier export of %s, which is now self-contained", stale, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return result
+        shutil.rmtree(work, ignore_errors=True)
+    final.sort(key=lambda f: f != os.path.join(folder, name))
+    shown = os.path.dirname(path)
+    return {"check": result, "files": [os.path.join(shown, os.path.basename(f)) for f in final]}
 
 
 def export_aligned(model: torch.nn.Module, wrap: Callable[[torch.nn.Module], torch.nn.Module],
@@ -81,7 +156,8 @@ def export_aligned(model: torch.nn.Module, wrap: Callable[[torch.nn.Module], tor
             ONNX Runtime's outputs of that file must equal, bit for bit, those the checked graph gave.
 
     Returns:
-        ``{"reference": [PyTorch outputs, internal ones left out], "check": {...}, "aligned": [padded conv names]}``.
+        ``{"reference": [PyTorch outputs, internal ones left out], "check": {...}, "aligned": [padded conv names],
+        "files": the files written (``path``, and ``NAME.onnx.data`` for a model above 2 GB)}``.
     """
     from .deploy import aligned_for_export
 
@@ -93,17 +169,19 @@ def export_aligned(model: torch.nn.Module, wrap: Callable[[torch.nn.Module], tor
     exported, aligned = aligned_for_export(model, align_ranks)
     module = wrap(exported).eval()
 
-    def check(f: str) -> Dict[str, float]:
+    def check(f: str) -> Dict[str, float]:  # f: the file to keep, named as path, alone in a fresh folder
         outs = run_onnx(f, args)
-        result = compare(module, outs, reference) if compare is not None else compare_onnx_outputs(outs, reference, f)
+        result = compare(module, outs, reference) if compare is not None else compare_onnx_outputs(outs, reference,
+                                                                                                  path)
         if internal_outputs:
             _drop_last_outputs(f, internal_outputs)
-            _same_outputs(f, run_onnx(f, args), outs[:len(outs) - internal_outputs])
+            _same_outputs(path, run_onnx(f, args), outs[:len(outs) - internal_outputs])
         return result
 
-    result = export_onnx(module, args, path, dynamo=dynamo, opset=opset, input_names=input_names,
-                         output_names=output_names, check=check)
-    return {"reference": reference[:len(reference) - internal_outputs], "check": result, "aligned": aligned}
+    written = export_onnx(module, args, path, dynamo=dynamo, opset=opset, input_names=input_names,
+                          output_names=output_names, check=check)
+    return {"reference": reference[:len(reference) - internal_outputs], "check": written["check"], "aligned": aligned,
+            "files": written["files"]}
 
 
 def _drop_last_outputs(path: str, n: int) -> None:
@@ -124,8 +202,7 @@ def _drop_last_outputs(path: str, n: int) -> None:
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
+    save_onnx(model, path)  # checked from the file (onnx.checker cannot check a model above 2 GB in memory)
 
 
 def _names_read(graph) -> set:

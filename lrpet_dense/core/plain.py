@@ -240,7 +240,8 @@ class PlainAdapter(Adapter):
 
     def export_onnx(self, model, path, input_hw=None, *, align_ranks=16):
         """``model(*example)`` to ONNX with torch's dynamo exporter (opset 18), checked in ONNX Runtime
-        against PyTorch on the example input; factorised ranks zero-padded to ``align_ranks`` in the file."""
+        against PyTorch on the example input; factorised ranks zero-padded to ``align_ranks`` in the file
+        (:func:`lrpet_dense.core.export.export_aligned`; ``result["files"]``: the files written)."""
         from .export import export_aligned
 
         model = self.unwrap(model).eval()
@@ -249,7 +250,7 @@ class PlainAdapter(Adapter):
             raise ValueError("ONNX export takes positional example inputs (a tensor or a tuple), not a dict")
         out = export_aligned(model, lambda m: m, args, path, align_ranks=align_ranks, dynamo=True, opset=18)
         return {"inputs": [list(a.shape) for a in args], "outputs": len(out["reference"]), "check": out["check"],
-                "aligned": out["aligned"]}
+                "aligned": out["aligned"], "files": out["files"]}
 
     # -- the recorded forward before each pairing ----------------------------------------------------------
     def pair_convs(self, model, config=None, filter_fn=None, *, factorized=False) -> Pairing:

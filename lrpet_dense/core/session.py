@@ -37,6 +37,7 @@ from torch import nn
 
 from .config import LRPETConfig
 from .factorize import model_plan
+from .plancheck import warn_extreme_plan
 from .projection import ConvBN
 from .rank import RankPlan
 from .schedule import LRPETProjector, ProjectionSummary
@@ -69,13 +70,19 @@ class LRPETSession:
         config: the schedule (``interval``, ``begin``, ``on_error``) and projection options.
         total_steps: the number of optimizer steps of the run, when known: :meth:`step` then projects
             after the last one by itself. Defaults to None (call :meth:`finish` at the end).
+        log: where the warning about an extreme plan goes (e.g. a framework's logger). Defaults to None:
+            ``lrpet_dense.core.plancheck``'s logger.
+
+    An extreme plan (the first projection would keep less than ``config.warn_energy_below`` of a planned
+    conv's energy, or ranks below ``config.warn_rank_below``) is warned about once, here
+    (:mod:`lrpet_dense.core.plancheck`).
 
     Raises:
         ValueError: the model is factorised, or the plan does not fit ``layers``.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[ConvBN], plan: RankPlan, config: LRPETConfig, *,
-                 total_steps: Optional[int] = None):
+                 total_steps: Optional[int] = None, log: Optional[logging.Logger] = None):
         if not isinstance(config, LRPETConfig):
             raise TypeError(f"LRPETSession takes an LRPETConfig, got {type(config).__name__}")
         if not isinstance(plan, RankPlan):
@@ -90,6 +97,7 @@ class LRPETSession:
         self.selected: List[ConvBN] = list(layers)
         self._check_plan(plan, "the rank plan")
         self.plan = plan
+        warn_extreme_plan(self.layers, plan, config, log)  # once: a plan keeping too little energy, or tiny ranks
         self.projector = LRPETProjector(config)
         self.total_steps = total_steps
         self.steps_done = 0
@@ -102,7 +110,7 @@ class LRPETSession:
         #: None: they are not (said once in the log when ``precise_bn_iters`` asks for it).
         self.train_data: Optional[Tuple[Iterable[Any], Callable[[nn.Module, Any], Any]]] = None
         #: Where the session's own messages go (a framework hook sets its runner's logger).
-        self.log: logging.Logger = logger
+        self.log: logging.Logger = log or logger
         self.finished = False
 
     # -- the plan ---------------------------------------------------------------------------------

@@ -99,6 +99,11 @@ def add_lrpet_config(cfg: CN) -> None:
     # >= 0; 0 = off), so the saved model's statistics belong to its final weights. Not used when
     # TEST.PRECISE_BN.ENABLED (detectron2's PreciseBN then does it); nothing to do with FrozenBN.
     _C.LRPET.PRECISE_BN_ITERS = _D.precise_bn_iters
+    # Warn once, when training starts, when the first projection would keep less than this share of a
+    # planned conv's spectral energy (its BN-folded weights at planning time), in [0, 1); 0.0 = off.
+    _C.LRPET.WARN_ENERGY_BELOW = _D.warn_energy_below
+    # Warn likewise when a planned conv's rank is below this (int >= 0); 0 = off.
+    _C.LRPET.WARN_RANK_BELOW = _D.warn_rank_below
 
 
 def _overrides(flat) -> dict:
@@ -125,6 +130,9 @@ def lrpet_config(cfg) -> LRPETConfig:
     """
     if not isinstance(cfg, CN):
         return _lazy_lrpet_config(cfg)
+    if "LRPET" not in cfg:
+        raise ValueError("the config has no LRPET keys: call lrpet_dense.detectron2.add_lrpet_config(cfg) after "
+                         "get_cfg(), before merging the config file")
     c = cfg.LRPET
     options = {name: c[name.upper()] for name in LRPETConfig.field_names() if name.upper() in c}
     options["overrides"] = _overrides(c.OVERRIDES)

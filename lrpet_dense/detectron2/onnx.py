@@ -50,8 +50,12 @@ def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int], *, align
     ties, e.g. saturated scores of 1.0, make it ambiguous). The file written leaves the internal outputs
     out (same nodes) and must give the same detections, bit for bit.
 
+    The file is written as :func:`lrpet_dense.core.export.export_onnx` writes (self-contained below 2 GB,
+    checked in ONNX Runtime in a folder of its own before it is moved into place).
+
     Returns:
-        ``{"inputs": [...], "outputs": number of outputs, "check": {...}, "aligned": [padded conv names]}``.
+        ``{"inputs": [...], "outputs": number of outputs, "check": {...}, "aligned": [padded conv names],
+        "files": the files written}``.
 
     Raises:
         ValueError: a stage differs in ONNX Runtime.
@@ -68,7 +72,7 @@ def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int], *, align
                          compare=lambda module, outs, ref: _check_stages(model, image, module, outs, ref),
                          internal_outputs=_WithInternals.internal_outputs(model))
     return {"inputs": [list(image.shape)], "outputs": len(out["reference"]), "check": out["check"],
-            "aligned": out["aligned"]}
+            "aligned": out["aligned"], "files": out["files"]}
 
 
 def _check_exportable(model: nn.Module) -> None:

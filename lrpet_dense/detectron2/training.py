@@ -33,7 +33,7 @@ from lrpet_dense.core import enable_compressed_loading_, factorize_
 from lrpet_dense.rng import preserved_rng_state
 
 from .checkpoint import RNGStateHook
-from .config import lrpet_enabled
+from .config import lrpet_config, lrpet_enabled
 from .deploy import CompressedAwareCheckpointer, compressed_plan_of
 from .hook import LRPETHook, insert_before_checkpointer
 from .pairing import unwrap_model
@@ -96,8 +96,14 @@ class LRPETTrainer(DefaultTrainer):
     - :class:`~lrpet_dense.detectron2.RNGStateHook`, a seeded training loader and RNG-preserving
       evaluation, so ``--resume`` replays the uninterrupted run when its data stream does.
 
-    Subclass it as you would ``DefaultTrainer`` (e.g. to add ``build_evaluator``).
+    Every ``cfg.LRPET`` option is checked when it is constructed (:func:`~lrpet_dense.detectron2.lrpet_config`:
+    a ``ValueError`` naming the key, the value and the allowed range), before the model, the optimizer or
+    the data loader is built. Subclass it as you would ``DefaultTrainer`` (e.g. to add ``build_evaluator``).
     """
+
+    def __init__(self, cfg):
+        lrpet_config(cfg)  # every LRPET option checked before anything is built
+        super().__init__(cfg)
 
     @classmethod
     def build_model(cls, cfg):

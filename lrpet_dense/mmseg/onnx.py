@@ -31,8 +31,12 @@ def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int], *, align
     multiples of ``align_ranks`` in the exported graph (on a copy, exact; 1 turns it off), and ONNX
     Runtime's logits are checked against ``model``'s own.
 
+    The dynamo exporter keeps the weights in a separate file; the file written holds them (one file up
+    to protobuf's 2 GB, else ``NAME.onnx.data`` beside it: :func:`lrpet_dense.core.export.export_onnx`).
+
     Returns:
-        ``{"inputs": [...], "outputs": 1, "check": {...}, "aligned": [padded conv names]}``.
+        ``{"inputs": [...], "outputs": 1, "check": {...}, "aligned": [padded conv names], "files": the files
+        written}``.
 
     Raises:
         ValueError: ONNX Runtime's logits differ from PyTorch's.
@@ -44,4 +48,5 @@ def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int], *, align
     x = torch.randn(1, 3, *input_hw, generator=torch.Generator().manual_seed(0)).to(param.device)
     out = export_aligned(model, _TensorMode, (x,), path, align_ranks=align_ranks, dynamo=True, opset=18,
                          input_names=["image"], output_names=["logits"])
-    return {"inputs": [list(x.shape)], "outputs": 1, "check": out["check"], "aligned": out["aligned"]}
+    return {"inputs": [list(x.shape)], "outputs": 1, "check": out["check"], "aligned": out["aligned"],
+            "files": out["files"]}

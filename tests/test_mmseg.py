@@ -265,12 +265,17 @@ def test_hook_validates_arguments(kwargs, match):
         lm.LRPETHook(**kwargs)
 
 
-def test_hook_warns_on_checkpoint_without_state():
-    hook = lm.LRPETHook(ratio=0.5, interval=2)
+def test_hook_warns_on_checkpoint_without_state_only_when_training(full_model):
+    """Loading a checkpoint without LRPET state (dense, older, compressed) logs nothing by itself (tools/test.py
+    projects nothing); training from it says that projection starts afresh."""
+    hook = lm.LRPETHook(ratio=0.5, interval=2, include=["backbone.stem.*"])
     runner = mock.MagicMock()
+    runner.model = full_model[1]
     hook.after_load_checkpoint(runner, {"meta": {}, "state_dict": {}})
-    assert runner.logger.warning.called
-    assert "no 'lrpet' state" in runner.logger.warning.call_args[0][0]
+    assert not runner.logger.warning.called and not runner.logger.info.called
+    hook.before_train(runner)
+    warnings = [c[0][0] for c in runner.logger.warning.call_args_list]
+    assert any("no 'lrpet' state" in w and "projection starts from here" in w for w in warnings), warnings
 
 
 def test_frozen_stages_are_skipped_by_default():

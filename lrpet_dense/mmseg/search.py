@@ -45,7 +45,7 @@ class SegTrialRunner(TrialRunner):
     def train(self, overrides: Mapping[str, float], work_dir: str, seed: int):
         from mmengine.runner import Runner
 
-        from .hook import LRPETHook
+        from lrpet_dense.openmmlab.hook import LRPETHook  # the registered hook the runner builds
 
         cfg = copy.deepcopy(self.cfg)
         cfg.work_dir = work_dir

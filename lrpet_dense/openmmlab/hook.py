@@ -82,7 +82,8 @@ class LRPETHook(Hook):
         """Pair convs with their BNs and plan (a factorised model is refused), then take over the schedule
         (and plan) of a resumed checkpoint."""
         adapter = self.adapter or adapter_for(runner.model)
-        self.session = adapter.session(runner.model, self.config, log=runner.logger)
+        input_hw = adapter.default_input_hw(adapter.unwrap(runner.model), getattr(runner, "cfg", None))
+        self.session = adapter.session(runner.model, self.config, input_hw=input_hw, log=runner.logger)
         self.session.train_forward = lambda n: self.train_forwards(runner, n)
         if self.resumed_state is not None:
             self.session.load_state_dict(self.resumed_state)

@@ -5,6 +5,7 @@ Usage in a config (two lines added to any mmdet config whose backbone has BatchN
 
     custom_imports = dict(imports=['lrpet_dense.mmdet'], allow_failed_imports=False)
     custom_hooks = [dict(type='LRPETHook', target_macs_cut=0.3, interval=500)]
+    model = dict(type='LRPETFasterRCNN')  # to load compressed checkpoints anywhere (LRPETRetinaNet, ...)
 
 A config's ``dict(type='LRPETHook')`` is the shared hook, registered in mmengine's root ``HOOKS``: it
 serves the runner's model with the adapter of its task. :class:`LRPETHook` here is that hook bound to

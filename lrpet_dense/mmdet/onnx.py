@@ -9,9 +9,12 @@ features, the RPN head's or dense head's per-level class scores and box deltas, 
 class scores and box deltas out. mmdet's post-processing (``predict_by_feat``: decoding, NMS) stays
 in PyTorch, as the staged export of :mod:`lrpet_dense.detectron2.onnx` keeps each stage checkable.
 
-The file is written by torch's TorchScript exporter (mmcv's ``RoIAlign`` maps to ONNX ``RoiAlign``;
-mmdet's ROI extractor has an export path without data-dependent branches) and checked in ONNX
-Runtime: every output must equal PyTorch's on the same inputs within float32 tolerance. As for the
+The file is written by torch's TorchScript exporter at opset 16 (the first whose ``RoiAlign`` has the
+aligned mode of mmcv's ``RoIAlign``). mmdet 3.x's ROI extractor pools each FPN level only when it has
+ROIs, a branch a trace would freeze; the exported graph pools every level and masks
+(:func:`~lrpet_dense.mmdet.model.pooled_rois`), and the check's proposals span every level the
+image allows plus a box smaller than a feature cell. The file is checked in ONNX Runtime: every
+output must equal PyTorch's (mmdet's own forward) on the same inputs within float32 tolerance. As for the
 other adapters, factorised ranks are zero-padded to multiples of ``align_ranks`` in the file (exact).
 """
 from __future__ import annotations
@@ -36,7 +39,10 @@ class _Exported(nn.Module):
         self.model = model
 
     def forward(self, image: torch.Tensor, rois: Optional[torch.Tensor] = None):
-        return tuple(flat_tensors(raw_outputs(self.model, image, rois)))
+        # Exported: the ROI features without data-dependent branches; run eagerly (the reference the file
+        # is checked against): mmdet's own ROI extractor.
+        traceable = torch.onnx.is_in_onnx_export()
+        return tuple(flat_tensors(raw_outputs(self.model, image, rois, traceable=traceable)))
 
 
 def output_names(outputs: Dict[str, Any]) -> List[str]:
@@ -81,7 +87,7 @@ def export_onnx(model: nn.Module, path: str, input_hw: Tuple[int, int], *, align
         args += (fixed_rois(h, w, num_rois, dtype=param.dtype, device=param.device),)
     with torch.no_grad():
         names = output_names(raw_outputs(model, *args))
-    out = export_aligned(model, _Exported, args, path, align_ranks=align_ranks, dynamo=False, opset=11,
+    out = export_aligned(model, _Exported, args, path, align_ranks=align_ranks, dynamo=False, opset=16,
                          input_names=["image", "rois"][:len(args)], output_names=names)
     return {"inputs": [list(a.shape) for a in args], "outputs": len(names), "output_names": names,
             "check": out["check"], "aligned": out["aligned"]}

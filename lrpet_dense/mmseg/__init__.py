@@ -8,6 +8,7 @@ for ``torch.load(weights_only=True)`` what stock mmengine checkpoints hold
 
     custom_imports = dict(imports=['lrpet_dense.mmseg'], allow_failed_imports=False)
     custom_hooks = [dict(type='LRPETHook', target_macs_cut=0.3, interval=500)]
+    model = dict(type='LRPETEncoderDecoder')  # to load compressed checkpoints anywhere (see deploy)
 
 The same parts, under the same names, as :mod:`lrpet_dense.detectron2` and :mod:`lrpet_dense.mmdet`,
 on one contract (:class:`lrpet_dense.core.adapter.Adapter`; this framework's is :data:`ADAPTER`); the

@@ -10,6 +10,7 @@ Usage in a config::
 
     custom_imports = dict(imports=['lrpet_dense.mmseg'], allow_failed_imports=False)
     custom_hooks = [dict(type='LRPETHook', target_macs_cut=0.3, interval=500)]
+    model = dict(type='LRPETEncoderDecoder')  # to load compressed checkpoints anywhere
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ adapter, its LRPET model types and, through this package, the hook::
 
     custom_imports = dict(imports=['lrpet_dense.mmdet'], allow_failed_imports=False)   # or lrpet_dense.mmseg
     custom_hooks = [dict(type='LRPETHook', target_macs_cut=0.3, interval=500)]
+    model = dict(type='LRPETFasterRCNN')  # mmseg: LRPETEncoderDecoder; loads compressed checkpoints
 
 - ``hook``: :class:`LRPETHook` (registered in mmengine's root ``HOOKS`` registry, so found from the
   ``mmseg`` and ``mmdet`` scopes alike);

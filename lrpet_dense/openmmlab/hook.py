@@ -4,6 +4,7 @@ Usage in a config (mmseg; in an mmdet config import ``lrpet_dense.mmdet``)::
 
     custom_imports = dict(imports=['lrpet_dense.mmseg'], allow_failed_imports=False)
     custom_hooks = [dict(type='LRPETHook', target_macs_cut=0.3, interval=500)]
+    model = dict(type='LRPETEncoderDecoder')  # mmdet: LRPETFasterRCNN, ...; to load compressed checkpoints
 
 The hook is registered once, in mmengine's root ``HOOKS`` registry, so every OpenMMLab scope finds it.
 It decides *when* in mmengine's terms (every ``interval`` iterations and after the last one, before

@@ -429,3 +429,12 @@ def test_search_two_trials(toy_data, tmp_path):
     assert all(0.0 <= t["box mAP (%)"] <= 100.0 for t in done)
     report = (out / "search.md").read_text()
     assert "mmseg, mmdet:" in report and "backbone.layer3.*" in report
+
+
+def test_quickstart_config_is_the_toy_one_trained_longer(tmp_path):
+    toy = _cfg(FRCNN_TOY, tmp_path)
+    qs = _cfg(Path(config_path("toy/faster-rcnn_r50_fpn_lrpet_quickstart.py")), tmp_path)
+    assert qs.train_cfg.max_iters == 100 and ld.lrpet_config(qs).interval == 25
+    assert qs.model.train_cfg.rpn.sampler.num == 256 and toy.model.train_cfg.rpn.sampler.num == 8192
+    qs.model.train_cfg.rpn.sampler.num = 8192
+    assert qs.model == toy.model and qs.train_dataloader == toy.train_dataloader

@@ -290,7 +290,7 @@ def summarise_study(study, metric: str, options: SearchOptions) -> Dict[str, Any
 
 
 def snippets(overrides: Mapping[str, float]) -> Dict[str, str]:
-    """The overrides as both frameworks read them."""
+    """The overrides as detectron2 and the OpenMMLab hook (mmseg, mmdet) read them."""
     flat = ", ".join(f'"{k}", {v:.4f}' for k, v in overrides.items())
     d2 = f"LRPET:\n  OVERRIDES: [{flat}]"
     seg = "overrides={" + ", ".join(f"{k!r}: {v:.4f}" for k, v in overrides.items()) + "}"
@@ -314,7 +314,7 @@ def write_search_report(summary: Dict[str, Any], out: str) -> Dict[str, str]:
     else:
         lines += [f"Best trial {best['number']}: {metric} {best[metric]:.2f}, {summary['options']['measure']} ratio "
                   f"{best['size']:.3f}, objective {best['objective']:.4f}", "", "detectron2:", "", "```yaml",
-                  summary["snippets"]["detectron2"], "```", "", "mmseg:", "", "```python", summary["snippets"]["mmseg"],
+                  summary["snippets"]["detectron2"], "```", "", "mmseg, mmdet:", "", "```python", summary["snippets"]["mmseg"],
                   "```", ""]
     lines += ["| trial | state | " + metric + " | size | objective | Pareto | ratios |", "|---:|---|---:|---:|---:|---|---|"]
     for r in summary["trials"]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv/ at the repository root and install the whole stack into it:
-# torch, torchvision, detectron2, mmcv (with its compiled ops), mmengine, mmsegmentation,
+# torch, torchvision, detectron2, mmcv (with its compiled ops), mmengine, mmsegmentation, mmdetection,
 # pycocotools, fvcore and this package (editable, with its dev extras).
 #
 # detectron2 is not on PyPI and mmcv 2.1.0 has no PyPI wheel for torch 2.14. They come from a
@@ -61,7 +61,7 @@ else
     MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation "$WORK"/mmcv-2.1.0
     rm -rf "$WORK"
   fi
-  log "installing mmengine, mmsegmentation and this package"
+  log "installing mmengine, mmsegmentation, mmdetection and this package"
   # ftfy and regex: mmsegmentation imports them without declaring them.
   pip_install -e "$ROOT[all]"
   touch "$VENV/.lrpet_stack_ok"
@@ -70,12 +70,14 @@ fi
 # points and newly pinned dependencies reach an existing .venv/ too.
 pip_install -e "$ROOT[all]"
 "$VPY" - <<'PY'
-import torch, torchvision, detectron2, mmcv, mmengine, mmseg, fvcore, pycocotools  # noqa: F401
+import torch, torchvision, detectron2, mmcv, mmengine, mmseg, mmdet, fvcore, pycocotools  # noqa: F401
 import detectron2._C, mmcv.ops  # noqa: F401  compiled ops must import
+from mmcv.ops import RoIAlign, nms  # noqa: F401  the ops mmdet's detectors run (mmdet checks mmcv's version)
+import mmdet.apis  # noqa: F401
 import optuna, onnx, onnxruntime, torch_pruning  # noqa: F401  search, export, pruning baseline
 import lrpet_dense
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, detectron2 {detectron2.__version__}, "
-      f"mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, mmseg {mmseg.__version__}, "
+      f"mmcv {mmcv.__version__}, mmengine {mmengine.__version__}, mmseg {mmseg.__version__}, mmdet {mmdet.__version__}, "
       f"lrpet_dense {lrpet_dense.__version__}")
 PY
 log "done"

@@ -1,6 +1,6 @@
 """One adapter contract (``lrpet_dense.core.adapter.Adapter``): each shared behaviour, run against every adapter.
 
-detectron2, mmseg and the plain PyTorch adapter must behave alike where the contract says so; a test
+detectron2, mmseg, mmdet and the plain PyTorch adapter must behave alike where the contract says so; a test
 here fails as soon as one of them drifts: the public functions' signatures, DDP unwrapping, the
 checked compression and its checkpoint round trip, the order in which a checkpoint's plan is found,
 the resume check of a saved plan against the model, the warning for a norm that is not a BatchNorm,
@@ -20,12 +20,15 @@ from torch import nn
 
 from conftest import D2_TINY, D2_TOY_CFG, SEG_TOY_CFG
 
+from lrpet_dense.configs import config_path
+
 from lrpet_dense.core import LRPETConfig, LRPETSession, RankPlan, project_
 from lrpet_dense.core.adapter import CHECK_HW, Adapter
 from lrpet_dense.core.plain import PlainAdapter
 
-FRAMEWORKS = ["detectron2", "mmseg", "torch"]
-#: The functions both framework packages export, which must take the same arguments.
+FRAMEWORKS = ["detectron2", "mmseg", "mmdet", "torch"]
+MMDET_TOY_CFG = config_path("toy/faster-rcnn_r50_fpn_lrpet_toy.py")
+#: The functions the framework packages export, which must take the same arguments.
 SHARED = ["pair_convs", "default_include", "unwrap_model", "build_plan", "default_plan_hw", "compress_model_",
           "to_inference_", "save_compressed", "plan_from_checkpoint", "count_complexity", "output_tensors",
           "export_onnx", "load_model"]
@@ -43,11 +46,11 @@ def _d2_cfg(*opts):
     return cfg
 
 
-def _seg_cfg(tmp_path_factory):
+def _seg_cfg(tmp_path_factory, path=SEG_TOY_CFG):
     from mmengine.config import Config
 
     with mock.patch.dict(os.environ, {"LRPET_TOY_VOC_ROOT": str(tmp_path_factory.getbasetemp())}):
-        return Config.fromfile(str(SEG_TOY_CFG))
+        return Config.fromfile(str(path))
 
 
 @pytest.fixture(scope="module", params=FRAMEWORKS)
@@ -78,6 +81,18 @@ def kit(request, tmp_path_factory):
         return SimpleNamespace(name=name, adapter=ADAPTER, cfg=cfg, make=lambda: MODELS.build(cfg.model),
                                config=LRPETConfig(ratio=0.5, include=("backbone.stem.*", "backbone.layer1.*")),
                                training=lambda sd, state: {"meta": {}, "state_dict": sd, "lrpet": state})
+    if name == "mmdet":
+        pytest.importorskip("mmdet")
+        from mmdet.registry import MODELS
+        from mmengine.registry import init_default_scope
+
+        from lrpet_dense.mmdet import ADAPTER
+
+        cfg = _seg_cfg(tmp_path_factory, MMDET_TOY_CFG)
+        init_default_scope("mmdet")
+        return SimpleNamespace(name=name, adapter=ADAPTER, cfg=cfg, make=lambda: MODELS.build(cfg.model),
+                               config=LRPETConfig(ratio=0.5, include=("backbone.conv1", "backbone.layer1.*")),
+                               training=lambda sd, state: {"meta": {}, "state_dict": sd, "lrpet": state})
     torchvision = pytest.importorskip("torchvision")
     return SimpleNamespace(name=name, adapter=PlainAdapter(torch.randn(1, 3, 32, 32)), cfg=None,
                            make=lambda: torchvision.models.resnet18(num_classes=4),
@@ -98,14 +113,18 @@ def _projected(kit):
 def test_framework_packages_export_the_same_functions_with_the_same_arguments():
     pytest.importorskip("detectron2")
     pytest.importorskip("mmseg")
+    pytest.importorskip("mmdet")
     import lrpet_dense.detectron2 as d2
+    import lrpet_dense.mmdet as det
     import lrpet_dense.mmseg as seg
 
     for name in SHARED:
-        a, b = inspect.signature(getattr(d2, name)), inspect.signature(getattr(seg, name))
         shape = lambda sig: [(p.name, p.kind, p.default) for p in sig.parameters.values()]  # noqa: E731
-        assert shape(a) == shape(b), f"{name}: detectron2 {a} vs mmseg {b}"
-    for pkg in (d2, seg):
+        a = inspect.signature(getattr(d2, name))
+        for pkg in (seg, det):
+            b = inspect.signature(getattr(pkg, name))
+            assert shape(a) == shape(b), f"{name}: detectron2 {a} vs {pkg.__name__} {b}"
+    for pkg in (d2, seg, det):
         assert inspect.signature(pkg.compress_model_).parameters["check_hw"].default is None  # CHECK_HW, one default
         assert isinstance(pkg.ADAPTER, Adapter)
 
@@ -125,6 +144,8 @@ def test_default_plan_hw_takes_the_model_and_an_optional_config(kit):
         assert hw == (kit.cfg.INPUT.MIN_SIZE_TEST,) * 2 and kit.adapter.default_input_hw(model) == (800, 800)
     if kit.name == "mmseg":
         assert hw == tuple(kit.cfg.crop_size) == kit.adapter.default_input_hw(None, kit.cfg)
+    if kit.name == "mmdet":  # the short side of the test pipeline's Resize scale; 800 without a config
+        assert hw == (min(kit.cfg.image_scale),) * 2 and kit.adapter.default_input_hw(model) == (800, 800)
 
 
 # -- compression, unwrapping, checkpoints ----------------------------------------------------------------------
@@ -195,8 +216,8 @@ def test_resume_checks_the_saved_plan_against_the_model(kit):
         bad = _bad_state(hook.plan)
         with pytest.raises(ValueError, match="the checkpoint's LRPET plan does not fit this model"):
             hook.load_state_dict(bad)
-    elif kit.name == "mmseg":
-        from lrpet_dense.mmseg import LRPETHook
+    elif kit.name in ("mmseg", "mmdet"):
+        from lrpet_dense.openmmlab import LRPETHook  # the one a config builds, for both tasks
 
         hook = LRPETHook(**{k: v for k, v in kit.config.to_dict().items()})
         runner = mock.MagicMock()
@@ -240,8 +261,8 @@ def test_the_session_is_the_one_core_class(kit):
         from lrpet_dense.detectron2 import LRPETHook
 
         session = LRPETHook(model, kit.config).session
-    elif kit.name == "mmseg":
-        from lrpet_dense.mmseg import LRPETHook
+    elif kit.name in ("mmseg", "mmdet"):
+        from lrpet_dense.openmmlab import LRPETHook  # the one a config builds, for both tasks
 
         hook = LRPETHook(**kit.config.to_dict())
         runner = mock.MagicMock()
@@ -257,7 +278,7 @@ def test_the_session_is_the_one_core_class(kit):
 
 # -- the command line ------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("framework", ["detectron2", "mmseg"])
+@pytest.mark.parametrize("framework", ["detectron2", "mmseg", "mmdet"])
 def test_compress_input_size_changes_only_the_count(framework, tmp_path, tmp_path_factory, capsys):
     """``compress --input-size`` sets the params/MACs count's input in both frameworks; a new plan is made
     at the default planning size."""
@@ -280,20 +301,27 @@ def test_compress_input_size_changes_only_the_count(framework, tmp_path, tmp_pat
         assert compress.main_det(argv) == 0
         hw = default_plan_hw(model, cfg)
     else:
-        pytest.importorskip("mmseg")
+        pytest.importorskip(framework)
         from mmengine.registry import init_default_scope
-        from mmseg.registry import MODELS
 
-        from lrpet_dense.mmseg import ADAPTER, default_plan_hw, lrpet_config
+        if framework == "mmseg":
+            from mmseg.registry import MODELS
 
-        cfg = _seg_cfg(tmp_path_factory)
-        init_default_scope("mmseg")
+            from lrpet_dense.mmseg import ADAPTER, default_plan_hw, lrpet_config
+        else:
+            from mmdet.registry import MODELS
+
+            from lrpet_dense.mmdet import ADAPTER, default_plan_hw, lrpet_config
+        path = SEG_TOY_CFG if framework == "mmseg" else MMDET_TOY_CFG
+        cfg = _seg_cfg(tmp_path_factory, path)
+        init_default_scope(framework)
         model = MODELS.build(cfg.model).eval()
         torch.save({"meta": {}, "state_dict": model.state_dict()}, tmp_path / "dense.pth")
         config = lrpet_config(cfg)
+        main = compress.main_seg if framework == "mmseg" else compress.main_mmdet
         with mock.patch.dict(os.environ, {"LRPET_TOY_VOC_ROOT": str(tmp_path_factory.getbasetemp())}):
-            assert compress.main_seg([str(SEG_TOY_CFG), str(tmp_path / "dense.pth"), str(tmp_path / "c.pth"),
-                                      "--plan-from-config", "--project", "--input-size", "48", "48"]) == 0
+            assert main([str(path), str(tmp_path / "dense.pth"), str(tmp_path / "c.pth"), "--plan-from-config",
+                         "--project", "--input-size", "48", "48"]) == 0
         hw = default_plan_hw(model, cfg)
     text = capsys.readouterr().out
     assert f"at {96 if framework == 'detectron2' else 48}x" in text  # the count's input

@@ -27,11 +27,16 @@ ALLOWED = {
     "lrpet_dense.search": {"lrpet_dense.core", "lrpet_dense.report"},
     "lrpet_dense.detectron2": {"lrpet_dense", "lrpet_dense.core", "lrpet_dense.io", "lrpet_dense.rng",
                                "lrpet_dense.report", "lrpet_dense.search", "lrpet_dense.data"},
+    # the mmengine-level part shared by the mmseg and mmdet adapters; it imports neither task package
+    "lrpet_dense.openmmlab": {"lrpet_dense", "lrpet_dense.core", "lrpet_dense.io", "lrpet_dense.report",
+                              "lrpet_dense.search"},
     "lrpet_dense.mmseg": {"lrpet_dense", "lrpet_dense.core", "lrpet_dense.io", "lrpet_dense.rng",
-                          "lrpet_dense.report", "lrpet_dense.search", "lrpet_dense.data"},
+                          "lrpet_dense.report", "lrpet_dense.search", "lrpet_dense.data", "lrpet_dense.openmmlab"},
+    "lrpet_dense.mmdet": {"lrpet_dense", "lrpet_dense.core", "lrpet_dense.io", "lrpet_dense.rng",
+                          "lrpet_dense.report", "lrpet_dense.search", "lrpet_dense.data", "lrpet_dense.openmmlab"},
     "lrpet_dense.cli": {"lrpet_dense", "lrpet_dense.core", "lrpet_dense.io", "lrpet_dense.configs",
-                        "lrpet_dense.detectron2", "lrpet_dense.mmseg", "lrpet_dense.report", "lrpet_dense.search",
-                        "lrpet_dense.data"},
+                        "lrpet_dense.detectron2", "lrpet_dense.mmseg", "lrpet_dense.mmdet", "lrpet_dense.report",
+                        "lrpet_dense.search", "lrpet_dense.data"},
     "lrpet_dense.__main__": {"lrpet_dense.cli"},
 }
 

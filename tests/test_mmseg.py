@@ -167,8 +167,9 @@ def test_compressed_checkpoint_loads_with_init_model(compressed, train_run, toy_
     assert fact.backbone.layer4[1].conv2.conv_a.dilation == (4, 4)
     assert fact.backbone.layer3[1].conv2.conv_a.dilation == (2, 2)
     assert fact.backbone.layer4[1].conv2.conv_a.padding == (4, 4)
-    # no missing / unexpected keys: strict torch load into a fresh factorised model
-    assert set(fact.state_dict()) | {"_lrpet_plan"} == set(ckpt["state_dict"])
+    # no missing / unexpected keys: strict torch load into a fresh factorised model (the plan and the note are
+    # dropped while loading)
+    assert set(fact.state_dict()) == {k for k in ckpt["state_dict"] if not k.startswith("_lrpet_")}
     init_default_scope("mmseg")
     from mmseg.registry import MODELS
     fresh = MODELS.build(cfg.model)
@@ -203,7 +204,48 @@ def test_mmseg_test_tool_runs_compressed_checkpoint(compressed, toy_data, train_
     path, _ = compressed
     proc = _run([MMSEG_TOOLS / "test.py", TOY_CFG, path, "--work-dir", train_run / "test_wd"], _env(toy_data),
                 cwd=train_run)
-    assert "mIoU" in proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "mIoU" in text
+    assert "projection starts" not in text and "LRPET: the loaded checkpoint" not in text  # nothing is projected
+
+
+@pytest.mark.slow
+def test_stock_segmentor_loads_compressed_when_lrpet_dense_is_imported(compressed, train_run, toy_data):
+    """``init_model`` with the stock ``EncoderDecoder`` in a process that imported lrpet_dense.mmseg builds the
+    factorised segmentor (the same logits as the LRPET type's)."""
+    from mmseg.apis import init_model
+
+    path, _ = compressed
+    cfg = _toy_cfg(toy_data, train_run)
+    lrpet = init_model(cfg, str(path), device="cpu")
+    cfg.model.type = "EncoderDecoder"
+    stock = init_model(cfg, str(path), device="cpu")
+    assert type(stock).__name__ == "EncoderDecoder" and isinstance(stock.backbone.layer3[0].conv2, FactorizedConv2d)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lrpet(x, mode="tensor"), stock(x, mode="tensor"))
+    stock.train()
+    with pytest.raises(RuntimeError, match="factorised while a compressed checkpoint was loaded"):
+        stock(x, mode="tensor")  # fine-tuning it would not train the factorised convs
+
+
+@pytest.mark.slow
+def test_stock_segmentor_without_lrpet_dense_shows_the_note(compressed, toy_data, train_run, tmp_path):
+    """What a user sees who evaluates a compressed checkpoint with a stock config that imports nothing of ours:
+    mmengine leaves the factorised convs' dense layers as initialised and warns; the first unexpected key it names
+    is the checkpoint's note, naming the model type to set."""
+    import re
+
+    path, _ = compressed
+    cfg = tmp_path / "plain.py"
+    cfg.write_text(f"_base_ = {str(TOY_CFG)!r}\nmodel = dict(type='EncoderDecoder')\n"
+                   "custom_imports = dict(_delete_=True, imports=[])\ncustom_hooks = []\n")
+    proc = _run([MMSEG_TOOLS / "test.py", cfg, path, "--work-dir", tmp_path / "wd"], _env(toy_data), cwd=tmp_path)
+    first = re.search(r"unexpected key in source state_dict: ([^,]*),", proc.stdout + proc.stderr)
+    assert first and first.group(1) == (
+        "_lrpet_note: LRPET COMPRESSED CHECKPOINT - build the model with type='LRPETEncoderDecoder' "
+        "(custom_imports='lrpet_dense.mmseg'); this model was built without lrpet_dense and got NO weights for its "
+        "factorised convs")
 
 
 # -- pairing, plan and options (no training) --------------------------------------------------
@@ -265,12 +307,17 @@ def test_hook_validates_arguments(kwargs, match):
         lm.LRPETHook(**kwargs)
 
 
-def test_hook_warns_on_checkpoint_without_state():
-    hook = lm.LRPETHook(ratio=0.5, interval=2)
+def test_hook_warns_on_checkpoint_without_state_only_when_training(full_model):
+    """Loading a checkpoint without LRPET state (dense, older, compressed) logs nothing by itself (tools/test.py
+    projects nothing); training from it says that projection starts afresh."""
+    hook = lm.LRPETHook(ratio=0.5, interval=2, include=["backbone.stem.*"])
     runner = mock.MagicMock()
+    runner.model = full_model[1]
     hook.after_load_checkpoint(runner, {"meta": {}, "state_dict": {}})
-    assert runner.logger.warning.called
-    assert "no 'lrpet' state" in runner.logger.warning.call_args[0][0]
+    assert not runner.logger.warning.called and not runner.logger.info.called
+    hook.before_train(runner)
+    warnings = [c[0][0] for c in runner.logger.warning.call_args_list]
+    assert any("no 'lrpet' state" in w and "projection starts from here" in w for w in warnings), warnings
 
 
 def test_frozen_stages_are_skipped_by_default():

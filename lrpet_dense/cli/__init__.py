@@ -3,13 +3,14 @@
     lrpet-dense train-det --config faster_rcnn_lrpet.yaml [--num-gpus N] [--resume] [--eval-only] [KEY VALUE ...]
     lrpet-dense compress det --config CFG --checkpoint model_final.pth --output compressed.pth [KEY VALUE ...]
     lrpet-dense compress seg CONFIG CHECKPOINT OUT [--cfg-options KEY=VALUE ...]
-    lrpet-dense report det|seg|summary ...
-    lrpet-dense export det|seg ...          (ONNX)
-    lrpet-dense search det|seg ...          (per-stage rank ratios by Bayesian optimisation)
+    lrpet-dense compress mmdet CONFIG CHECKPOINT OUT [--cfg-options KEY=VALUE ...]
+    lrpet-dense report det|seg|mmdet|summary ...
+    lrpet-dense export det|seg|mmdet ...          (ONNX)
+    lrpet-dense search det|seg|mmdet ...          (per-stage rank ratios by Bayesian optimisation)
     lrpet-dense config-path NAME            (the path of a shipped config)
 
-Each subcommand imports its framework only when it runs, so ``lrpet-dense --help`` is quick. mmseg
-training stays mmseg's own ``tools/train.py`` with ``custom_hooks=[dict(type='LRPETHook', ...)]``;
+Each subcommand imports its framework only when it runs, so ``lrpet-dense --help`` is quick. mmseg and
+mmdet training stay their own ``tools/train.py`` with ``custom_hooks=[dict(type='LRPETHook', ...)]``;
 ``tools/*.py`` in a checkout are thin wrappers around these subcommands.
 """
 from __future__ import annotations

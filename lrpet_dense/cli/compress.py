@@ -1,4 +1,4 @@
-"""``lrpet-dense compress det|seg``: factorise an LRPET-trained checkpoint into a compressed checkpoint.
+"""``lrpet-dense compress det|seg|mmdet``: factorise an LRPET-trained checkpoint into a compressed checkpoint.
 
 detectron2 (its conventions: ``--config`` and ``KEY VALUE`` overrides)::
 
@@ -8,6 +8,10 @@ detectron2 (its conventions: ``--config`` and ``KEY VALUE`` overrides)::
 mmseg (its conventions: positional config and checkpoint, ``--cfg-options``)::
 
     lrpet-dense compress seg CONFIG CHECKPOINT OUT [--cfg-options KEY=VALUE ...]
+
+mmdet (the same conventions as mmseg; ``det-mm`` is another name of it)::
+
+    lrpet-dense compress mmdet CONFIG CHECKPOINT OUT [--cfg-options KEY=VALUE ...]
 
 The rank plan is read from the checkpoint (the LRPET hooks store it in every training checkpoint).
 For a checkpoint without one (e.g. a dense model trained without LRPET), ``--plan-from-config``
@@ -32,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .common import det_config, seg_config
 
-__all__ = ["add_parser", "main_det", "main_seg"]
+__all__ = ["add_parser", "main_det", "main_seg", "main_mmdet"]
 
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
@@ -52,15 +56,18 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compress", help="factorise an LRPET-trained checkpoint (det | seg)",
+    p = sub.add_parser("compress", help="factorise an LRPET-trained checkpoint (det | seg | mmdet)",
                        description=__doc__.split("\n\n")[0])
-    fw = p.add_subparsers(dest="framework", required=True, metavar="{det,seg}")
+    fw = p.add_subparsers(dest="framework", required=True, metavar="{det,seg,mmdet}")
     d = fw.add_parser("det", help="a detectron2 checkpoint")
     fill_det_parser(d)
     d.set_defaults(run=lambda args: _finish(lambda: _compress_det(args)))
     s = fw.add_parser("seg", help="an mmseg checkpoint")
     fill_seg_parser(s)
     s.set_defaults(run=lambda args: _finish(lambda: _compress_seg(args)))
+    m = fw.add_parser("mmdet", aliases=["det-mm"], help="an mmdet checkpoint")
+    fill_seg_parser(m)
+    m.set_defaults(run=lambda args: _finish(lambda: _compress_mmdet(args)))
 
 
 def fill_det_parser(p: argparse.ArgumentParser) -> None:
@@ -183,6 +190,38 @@ def _compress_seg(args) -> int:
     return 0
 
 
+def _compress_mmdet(args) -> int:
+    import lrpet_dense.mmdet as ld
+    from lrpet_dense.mmdet.config import hook_options
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = seg_config(args.config, args.cfg_options)
+    changes = _config_changes(args)
+    # the config's options, checked before anything is built or loaded
+    if args.plan_from_config or hook_options(cfg) is not None:
+        config = ld.lrpet_config(cfg, **changes)
+    else:  # no hook in the config: the command line's ratio / cut with the default selection
+        from lrpet_dense.core import LRPETConfig
+
+        config = LRPETConfig(**changes)
+    model, ckpt = ld.load_model(cfg, args.checkpoint, device=args.device, dense_only=True)
+    plan, source = _choose_plan(args, ld.plan_from_checkpoint(ckpt), lambda: ld.build_plan(
+        model, ld.pair_convs(model, config).layers, config, ld.default_plan_hw(model, cfg)))
+    hw = tuple(args.input_size) if args.input_size else ld.default_plan_hw(model, cfg)
+    print(f"rank plan ({source}):\n{plan.format_table()}")
+    before = ld.count_complexity(model, hw)
+    names = ld.compress_model_(model, plan, project=args.project, config=config)
+    after = ld.count_complexity(model, hw)
+    print(f"factorised {len(names)} of {len(plan)} planned convs (the rest would not save MACs); raw outputs "
+          "(features, head scores and deltas before NMS) checked against the dense model in float64")
+    _print_complexity(before, after, hw, "mmengine.analysis.get_model_complexity_info")
+    meta = {"dataset_meta": getattr(model, "dataset_meta", None), "source_checkpoint": args.checkpoint,
+            "complexity_before": before, "complexity_after": after}
+    ld.save_compressed(model, args.out, meta=meta)
+    print(f"saved the compressed checkpoint to {args.out} (model type {ld.ADAPTER.lrpet_type_name(model)})")
+    return 0
+
+
 def main_det(argv: Optional[List[str]] = None) -> int:
     """``tools/compress_det.py``: exit status (2 with one ``error:`` line for bad input)."""
     p = argparse.ArgumentParser(prog="compress_det.py", description=__doc__.split("\n\n")[0])
@@ -195,3 +234,10 @@ def main_seg(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="compress_seg.py", description=__doc__.split("\n\n")[0])
     fill_seg_parser(p)
     return _finish(lambda: _compress_seg(p.parse_args(argv)))
+
+
+def main_mmdet(argv: Optional[List[str]] = None) -> int:
+    """``lrpet-dense compress mmdet`` on its own: exit status (2 with one ``error:`` line for bad input)."""
+    p = argparse.ArgumentParser(prog="lrpet-dense compress mmdet", description=__doc__.split("\n\n")[0])
+    fill_seg_parser(p)
+    return _finish(lambda: _compress_mmdet(p.parse_args(argv)))

@@ -1,4 +1,4 @@
-"""``lrpet-dense export det|seg``: a (compressed) model to ONNX, checked in ONNX Runtime against PyTorch.
+"""``lrpet-dense export det|seg|mmdet``: a (compressed) model to ONNX, checked in ONNX Runtime against PyTorch.
 
 detectron2 (its export path: ``TracingAdapter`` + the TorchScript ONNX exporter, as detectron2's
 ``tools/deploy/export_model.py``)::
@@ -8,6 +8,12 @@ detectron2 (its export path: ``TracingAdapter`` + the TorchScript ONNX exporter,
 mmseg (the segmentor in ``mode='tensor'``: logits, through torch's dynamo ONNX exporter)::
 
     lrpet-dense export seg CONFIG compressed.pth model.onnx
+
+mmdet (the network up to its raw outputs: features, RPN / dense head and ROI head scores and deltas,
+through the TorchScript ONNX exporter; box decoding and NMS stay in PyTorch, see
+``lrpet_dense/mmdet/onnx.py``)::
+
+    lrpet-dense export mmdet CONFIG compressed.pth model.onnx
 
 The model is put in its inference form first (BatchNorms folded into the convs, checked in float64
 against the model as loaded; ``--keep-bn`` skips that), exported for one ``--input-size`` input
@@ -54,7 +60,7 @@ def _multiple(text: str) -> int:
 
 
 def fill_parser(parser: argparse.ArgumentParser) -> None:
-    fw = parser.add_subparsers(dest="framework", required=True, metavar="{det,seg}")
+    fw = parser.add_subparsers(dest="framework", required=True, metavar="{det,seg,mmdet}")
     d = fw.add_parser("det", help="a detectron2 checkpoint (dense or compressed)")
     d.add_argument("--config", "--config-file", dest="config_file", required=True, metavar="FILE")
     d.add_argument("--checkpoint", required=True)
@@ -69,10 +75,17 @@ def fill_parser(parser: argparse.ArgumentParser) -> None:
     _common(s)
     s.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config settings (KEY=VALUE)")
     s.set_defaults(run=lambda a: _guarded(_export_seg, a))
+    m = fw.add_parser("mmdet", aliases=["det-mm"], help="an mmdet checkpoint (dense or compressed)")
+    m.add_argument("config")
+    m.add_argument("checkpoint")
+    m.add_argument("output", help="the .onnx file to write")
+    _common(m)
+    m.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config settings (KEY=VALUE)")
+    m.set_defaults(run=lambda a: _guarded(_export_mmdet, a))
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="export a (compressed) model to ONNX and check it in ONNX Runtime (det | seg)",
+    p = sub.add_parser("export", help="export a (compressed) model to ONNX and check it in ONNX Runtime (det | seg | mmdet)",
                        description=__doc__.split("\n\n")[0])
     fill_parser(p)
 
@@ -114,6 +127,20 @@ def _export_det(args) -> int:
 
 def _export_seg(args) -> int:
     from lrpet_dense.mmseg import default_plan_hw, export_onnx, load_model, to_inference_
+
+    from .common import seg_config
+
+    cfg = seg_config(args.config, args.cfg_options)
+    model, _ = load_model(cfg, args.checkpoint)
+    hw = tuple(args.input_size) if args.input_size else default_plan_hw(model, cfg)
+    if not args.keep_bn:
+        to_inference_(model)
+    return _report(export_onnx(model, args.output, hw, align_ranks=args.align_ranks), args.output, model,
+                   args.align_ranks)
+
+
+def _export_mmdet(args) -> int:
+    from lrpet_dense.mmdet import default_plan_hw, export_onnx, load_model, to_inference_
 
     from .common import seg_config
 

@@ -11,6 +11,9 @@ loaders, counters and evaluators::
     lrpet-dense report seg configs/pspnet_r50-d8_lrpet_voc12aug-512x512.py work_dirs/x/iter_20000.pth \\
         work_dirs/x/compressed.pth --out work_dirs/x/report
 
+    # mmdet (after mmdet's tools/train.py and lrpet-dense compress mmdet)
+    lrpet-dense report mmdet CONFIG work_dirs/x/epoch_4.pth work_dirs/x/compressed.pth --out work_dirs/x/report
+
     # one summary of several reports
     lrpet-dense report summary output/report work_dirs/x/report --out summary.md
 
@@ -53,7 +56,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="measure a trained + compressed model and write its report (det | seg | summary)",
+    p = sub.add_parser("report", help="measure a trained + compressed model and write its report (det | seg | mmdet | summary)",
                        description=__doc__.split("\n\n")[0])
     fill_parser(p)
     p.set_defaults(run=run)
@@ -73,6 +76,13 @@ def fill_parser(parser: argparse.ArgumentParser) -> None:
     s.add_argument("compressed", help="its compressed checkpoint (tools/compress_seg.py)")
     _common(s)
     s.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config settings (KEY=VALUE)")
+    t = sub.add_parser("mmdet", aliases=["det-mm"], help="an mmdet run")
+    t.add_argument("config")
+    t.add_argument("checkpoint", help="trained (projected) checkpoint")
+    t.add_argument("compressed", help="its compressed checkpoint (lrpet-dense compress mmdet)")
+    _common(t)
+    t.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config settings (KEY=VALUE)")
+    t.set_defaults(measure=_measure_mmdet)
     m = sub.add_parser("summary", help="one Markdown summary of several report folders")
     m.add_argument("reports", nargs="+", help="folders holding report.json")
     m.add_argument("--out", required=True, help="summary Markdown file")
@@ -108,6 +118,16 @@ def _measure_seg(args) -> dict:
     return measure(cfg, args.checkpoint, args.compressed, **_options(args))
 
 
+def _measure_mmdet(args) -> dict:
+    from lrpet_dense.mmdet.report import measure
+
+    from .common import seg_config
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = seg_config(args.config, args.cfg_options)
+    return measure(cfg, args.checkpoint, args.compressed, **_options(args))
+
+
 def run(args) -> int:
     from lrpet_dense.report import write_report, write_summary
 
@@ -117,7 +137,10 @@ def run(args) -> int:
         print(f"summary written to {args.out}")
         return 0
     try:  # bad input (a config, an option, a checkpoint): one error line, exit status 2, no report written
-        data = _measure_det(args) if args.framework == "det" else _measure_seg(args)
+        if getattr(args, "measure", None) is not None:  # a subcommand that names its measurer
+            data = args.measure(args)
+        else:
+            data = _measure_det(args) if args.framework == "det" else _measure_seg(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""``lrpet-dense search det|seg``: LRPET-S, per-stage rank ratios by Bayesian optimisation (Optuna).
+"""``lrpet-dense search det|seg|mmdet``: LRPET-S, per-stage rank ratios by Bayesian optimisation (Optuna).
 
 detectron2 (a config with ``LRPET.ENABLED``; ``MODEL.WEIGHTS`` are the starting weights)::
 
@@ -7,6 +7,10 @@ detectron2 (a config with ``LRPET.ENABLED``; ``MODEL.WEIGHTS`` are the starting 
 mmseg (a config with ``LRPETHook``; ``load_from`` / ``--load-from`` are the starting weights)::
 
     lrpet-dense search seg CONFIG --trials 20 --trial-iters 500 --out search/ [--cfg-options KEY=VALUE ...]
+
+mmdet (the same options as mmseg)::
+
+    lrpet-dense search mmdet CONFIG --trials 20 --trial-iters 500 --out search/ [--cfg-options KEY=VALUE ...]
 
 Each trial trains ``--trial-iters`` iterations with LRPET and per-group ratios in ``[--low, --high]``
 (groups: the stages of the selected layers, or ``--groups block``), factorises and evaluates; the
@@ -46,7 +50,7 @@ def _options(p: argparse.ArgumentParser) -> None:
 
 
 def fill_parser(parser: argparse.ArgumentParser) -> None:
-    fw = parser.add_subparsers(dest="framework", required=True, metavar="{det,seg}")
+    fw = parser.add_subparsers(dest="framework", required=True, metavar="{det,seg,mmdet}")
     d = fw.add_parser("det", help="a detectron2 config with LRPET.ENABLED")
     d.add_argument("--config", "--config-file", dest="config_file", required=True, metavar="FILE")
     _options(d)
@@ -58,10 +62,16 @@ def fill_parser(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--load-from", default=None, help="starting weights (default: the config's load_from)")
     s.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config settings (KEY=VALUE)")
     s.set_defaults(run=lambda a: _guarded(_runner_seg, a))
+    m = fw.add_parser("mmdet", aliases=["det-mm"], help="an mmdet config with LRPETHook")
+    m.add_argument("config")
+    _options(m)
+    m.add_argument("--load-from", default=None, help="starting weights (default: the config's load_from)")
+    m.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config settings (KEY=VALUE)")
+    m.set_defaults(run=lambda a: _guarded(_runner_mmdet, a))
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("search", help="search per-stage rank ratios with Optuna (det | seg)",
+    p = sub.add_parser("search", help="search per-stage rank ratios with Optuna (det | seg | mmdet)",
                        description=__doc__.split("\n\n")[0])
     fill_parser(p)
 
@@ -83,6 +93,14 @@ def _runner_seg(args):
     from .common import seg_config
 
     return SegTrialRunner(seg_config(args.config, args.cfg_options), args.trial_iters, args.load_from)
+
+
+def _runner_mmdet(args):
+    from lrpet_dense.mmdet.search import MMDetTrialRunner
+
+    from .common import seg_config
+
+    return MMDetTrialRunner(seg_config(args.config, args.cfg_options), args.trial_iters, args.load_from)
 
 
 def _guarded(make_runner, args) -> int:

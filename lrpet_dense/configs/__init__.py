@@ -9,10 +9,11 @@ a leading ``configs/`` is accepted, as in a checkout), and :func:`resolve` takes
 
     lrpet-dense config-path pspnet_r50-d8_lrpet_voc12aug-512x512.py   # the same, on the command line
 
-detectron2 configs (``.yaml``) are read by ``lrpet-dense train-det`` / ``tools/train_det.py``; mmseg
-configs (``.py``) by mmseg's own tools, given the path: ``python <mmseg>/tools/train.py "$(lrpet-dense
-config-path NAME)"``. An mmseg config of your own inherits one of ours by its path (mmengine's
-``pkg::`` scope is reserved to OpenMMLab packages; see docs/mmseg.md).
+detectron2 configs (``.yaml``) are read by ``lrpet-dense train-det`` / ``tools/train_det.py``; mmseg and
+mmdet configs (``.py``) by mmseg's and mmdet's own tools, given the path: ``python <mmseg>/tools/train.py
+"$(lrpet-dense config-path NAME)"``. An mmseg or mmdet config of your own inherits one of ours by its
+path (mmengine's ``pkg::`` scope is reserved to OpenMMLab packages; see docs/mmseg.md and docs/mmdet.md).
+``toy/det_toy_runtime.py`` is not a config of its own: the data and schedule the toy mmdet configs share.
 """
 from __future__ import annotations
 

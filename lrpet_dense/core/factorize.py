@@ -327,6 +327,9 @@ def factorize_(model: nn.Module, plan: Union[RankPlan, Dict[str, int]], *, from_
 PLAN_STATE_KEY = "_lrpet_plan"
 #: Key of the rank plan (plain data) in the root's state-dict metadata of a factorised model.
 PLAN_METADATA_KEY = "lrpet_plan"
+#: Prefix of state-dict keys that are notes for people (e.g. a message a stock loader prints among the
+#: unexpected keys); the loading pre-hook drops them like the plan's key.
+NOTE_STATE_PREFIX = "_lrpet_note"
 #: Attribute of a factorised model holding its :class:`RankPlan`.
 PLAN_ATTR = "_lrpet_plan"
 #: Attribute set on a model whose factorised structure was installed while loading a state dict.
@@ -395,6 +398,8 @@ def _install_plan_pre_hook(module, state_dict, prefix, local_metadata, strict, m
     """Before weights are copied: build the factorised convs the state dict's plan asks for."""
     plan = plan_in_state_dict(state_dict, prefix, local_metadata)
     state_dict.pop(prefix + PLAN_STATE_KEY, None)
+    for key in [k for k in state_dict if k.startswith(prefix + NOTE_STATE_PREFIX)]:
+        state_dict.pop(key)
     have = _factorized_ranks(module)
     if plan is None:
         stray = [k for k in state_dict if k.startswith(prefix) and k.endswith(".conv_a.weight")]
@@ -438,8 +443,9 @@ def check_trainable_(model: nn.Module) -> None:
             "LRPET: this model was factorised while a compressed checkpoint was loaded into it, after the "
             "optimizer had been built, so training would not update the factorised layers. To fine-tune a "
             "compressed model, build its factorised structure before the optimizer (detectron2: give the "
-            "checkpoint as MODEL.WEIGHTS to tools/train_det.py; mmseg: model=dict(type='LRPETEncoderDecoder', "
-            "factorized_from=CHECKPOINT) with load_from=CHECKPOINT)")
+            "checkpoint as MODEL.WEIGHTS to tools/train_det.py; mmseg / mmdet: the LRPET model type with "
+            "factorized_from=CHECKPOINT and load_from=CHECKPOINT, e.g. model=dict(type='LRPETEncoderDecoder', "
+            "factorized_from=CHECKPOINT))")
 
 
 def enable_compressed_loading_(model: nn.Module) -> nn.Module:

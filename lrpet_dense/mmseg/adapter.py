@@ -1,11 +1,10 @@
 """What mmseg supplies to LRPET (:class:`~lrpet_dense.core.adapter.Adapter`): :data:`ADAPTER`.
 
-Norm lookup (sibling ``bnN``, ``Sequential``, ``ConvModule``), default selection (``backbone.*``), the
-plan's forward (the backbone on a zero crop-size input; the MAC cut is a fraction of all the backbone's
+On the OpenMMLab layer shared with mmdet (:class:`~lrpet_dense.openmmlab.OpenMMLabAdapter`: norm
+lookup (sibling ``bnN``, ``Sequential``, ``ConvModule``), default selection (``backbone.*``), the
+checkpoint layout, ``load_model``), mmseg supplies the plan's forward (the backbone on a zero crop-size input; the MAC cut is a fraction of all the backbone's
 conv MACs; selected convs outside it are measured on a ``mode='tensor'`` forward of the whole model),
-the output tensors (the logits, ``mode='tensor'``), the checkpoint layout (mmengine's ``{"meta",
-"state_dict", ...}`` with the hook's state under ``"lrpet"``; compressed: ``{"meta": {...,
-"lrpet_plan"}, "state_dict"}``), the counter (``mmengine.analysis.get_model_complexity_info``) and
+the output tensors (the logits, ``mode='tensor'``), the model type (``LRPETEncoderDecoder``), the counter (``mmengine.analysis.get_model_complexity_info``) and
 the ONNX export (:mod:`lrpet_dense.mmseg.onnx`). Compression, the inference form, checkpoints and
 planning are the core's, written once.
 """
@@ -16,18 +15,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from lrpet_dense.core.adapter import Adapter, PlanForwards
-from lrpet_dense.core.factorize import PLAN_METADATA_KEY
+from lrpet_dense.core.adapter import PlanForwards
 from lrpet_dense.core.selection import conv_names, eval_mode
-
-from .pairing import default_include, find_norm, unwrap_model
+from lrpet_dense.openmmlab.adapter import CHECKPOINT_KEY, PLAN_KEY, OpenMMLabAdapter, register_adapter
 
 __all__ = ["MMSegAdapter", "ADAPTER", "default_plan_hw", "output_tensors", "CHECKPOINT_KEY", "PLAN_KEY"]
 
-#: Key of the LRPET hook's state (plan and projection counters) in training checkpoints.
-CHECKPOINT_KEY = "lrpet"
-#: Key of the plan in a compressed checkpoint's ``meta`` and in the root's state-dict metadata.
-PLAN_KEY = PLAN_METADATA_KEY
 #: The planning input when the segmentor has no crop size.
 DEFAULT_CROP = (512, 512)
 
@@ -39,20 +32,25 @@ def output_tensors(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return model(inputs, mode="tensor")
 
 
-class MMSegAdapter(Adapter):
+class MMSegAdapter(OpenMMLabAdapter):
     """LRPET's contract for mmseg segmentors (``EncoderDecoder`` and its subclasses)."""
 
     name = "mmseg"
-    checkpoint_key = "state_dict"
+    package = "lrpet_dense.mmseg"
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return unwrap_model(model)
+    def model_bases(self) -> Tuple[type, ...]:
+        from mmseg.models.segmentors import BaseSegmentor
 
-    def find_norm(self, name, conv, parent, child):
-        return find_norm(name, conv, parent, child)
+        return (BaseSegmentor,)
 
-    def default_include(self, model):
-        return default_include(model)
+    def lrpet_type_name(self, model: nn.Module) -> str:
+        """``LRPETEncoderDecoder`` (the LRPET type of mmseg's ``EncoderDecoder``)."""
+        return "LRPETEncoderDecoder"
+
+    def init_model(self, cfg: Any, device: str) -> nn.Module:
+        from mmseg.apis import init_model
+
+        return init_model(cfg, None, device=device)
 
     def default_input_hw(self, model: Optional[nn.Module] = None, cfg: Any = None) -> Tuple[int, int]:
         """The segmentor's crop size (``data_preprocessor.size``; from ``cfg.model`` when no model is
@@ -74,15 +72,6 @@ class MMSegAdapter(Adapter):
 
     def output_tensors(self, model, inputs):
         return output_tensors(model, inputs)
-
-    def training_state(self, checkpoint: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
-        return checkpoint.get(CHECKPOINT_KEY)
-
-    def compressed_checkpoint(self, state, plan, factorized, meta) -> Dict[str, Any]:
-        """mmengine's layout: ``{"meta": {..., "lrpet_plan": plan}, "state_dict": state dict}``."""
-        meta = dict(meta)
-        meta[PLAN_KEY] = plan.to_dict()
-        return {"meta": meta, "state_dict": state}
 
     def count_complexity(self, model: nn.Module, input_hw: Tuple[int, int]) -> Dict[str, Dict[str, int]]:
         """Params and MACs from ``mmengine.analysis.get_model_complexity_info``.
@@ -109,7 +98,7 @@ class MMSegAdapter(Adapter):
 
 
 #: The mmseg adapter: the package's ``compress_model_``, ``build_plan``, ... are its methods.
-ADAPTER = MMSegAdapter()
+ADAPTER = register_adapter(MMSegAdapter())
 
 
 def default_plan_hw(model: Optional[nn.Module] = None, cfg: Any = None) -> Tuple[int, int]:

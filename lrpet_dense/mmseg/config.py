@@ -1,40 +1,10 @@
-"""The options of an mmseg run: ``custom_hooks=[dict(type='LRPETHook', ...)]`` as an ``LRPETConfig``.
+"""The options of an mmseg run: ``custom_hooks=[dict(type='LRPETHook', ...)]`` as an ``LRPETConfig``
+(:mod:`lrpet_dense.openmmlab.config`, the same for mmdet).
 
 Each keyword of :class:`~lrpet_dense.mmseg.LRPETHook` is the field of the same name of
 :class:`~lrpet_dense.core.LRPETConfig` (detectron2's ``cfg.LRPET.<KEY>`` are the same fields in upper
 case); the defaults are that class's.
 """
-from __future__ import annotations
-
-from typing import Any, Dict, Mapping, Optional
-
-from lrpet_dense.core import LRPETConfig
+from lrpet_dense.openmmlab.config import hook_options, lrpet_config
 
 __all__ = ["lrpet_config", "hook_options"]
-
-
-def hook_options(cfg: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    """The keyword options of the config's ``LRPETHook`` (``custom_hooks``), or None without one."""
-    hooks = [dict(h) for h in (cfg.get("custom_hooks") or []) if dict(h).get("type") in ("LRPETHook",)]
-    if len(hooks) > 1:
-        raise ValueError(f"the config has {len(hooks)} LRPETHook entries in custom_hooks; keep one")
-    if not hooks:
-        return None
-    options = hooks[0]
-    options.pop("type")
-    options.pop("priority", None)
-    return options
-
-
-def lrpet_config(cfg: Mapping[str, Any], **changes: Any) -> LRPETConfig:
-    """The config's ``LRPETHook`` options (updated with ``changes``) as an :class:`~lrpet_dense.core.LRPETConfig`.
-
-    Raises:
-        ValueError: the config has no ``LRPETHook`` and no ``changes`` are given, or an option is bad
-            (the message names it as the hook's keyword).
-    """
-    options = hook_options(cfg)
-    if options is None and not changes:
-        raise ValueError("the config has no LRPETHook in custom_hooks; add custom_hooks=[dict(type='LRPETHook', "
-                         "...)] (and custom_imports=dict(imports=['lrpet_dense.mmseg']))")
-    return LRPETConfig.from_kwargs({**(options or {}), **changes}, who="LRPETHook")

@@ -9,15 +9,16 @@ A compressed checkpoint is an mmengine-style ``{'meta', 'state_dict'}`` file, lo
 * in ``checkpoint['meta']['lrpet_plan']``, for people and tools.
 
 Loading does not depend on the model type: the pre-hook builds the factorised convs of the plan
-before the weights are copied. :class:`LRPETHook` enables it on the runner's model in ``before_run``,
-so a config with the hook (``custom_hooks``) loads compressed checkpoints with mmseg's own
-``tools/test.py`` and ``load_from`` even with the stock ``EncoderDecoder`` type; this project's
-tools use :func:`load_model`. :class:`LRPETEncoderDecoder` (:mod:`lrpet_dense.mmseg.model`, registered
-in mmseg's ``MODELS``) is an
-``EncoderDecoder`` with the pre-hook always on, so ``mmseg.apis.init_model`` loads them too. (A stock
-``EncoderDecoder`` outside the runner and these tools cannot know about factorised layers: mmengine
-only warns about unexpected keys there.) A factorised model writes its plan into its own state
-dict's metadata, so checkpoints saved from it (e.g. when fine-tuning) stay loadable.
+before the weights are copied. :class:`LRPETEncoderDecoder` (:mod:`lrpet_dense.mmseg.model`,
+registered in mmseg's ``MODELS``) always has it, so ``mmseg.apis.init_model`` loads compressed
+checkpoints; the shipped configs set it, and a config naming it cannot be built without
+lrpet_dense. A stock ``EncoderDecoder`` has it in every process that imported ``lrpet_dense.mmseg``
+(a config's ``custom_imports``; :func:`lrpet_dense.openmmlab.enable_for_stock_models`) and under
+:class:`LRPETHook` (``tools/test.py``, ``load_from``). Where nothing of lrpet_dense is imported,
+mmengine only warns about the keys it could not load: the first unexpected key it prints is the
+compressed checkpoint's note (:data:`lrpet_dense.openmmlab.NOTE_KEY_FORMAT`) naming the model type
+to set. This project's tools use :func:`load_model`. A factorised model writes its plan into its
+own state dict's metadata, so checkpoints saved from it (e.g. when fine-tuning) stay loadable.
 
 :func:`compress_model_` checks what it produces: every planned conv must be of its planned rank, and
 the factorised model's logits (``mode='tensor'``) must equal the dense model's in float64
@@ -28,13 +29,10 @@ are the mmseg :data:`~lrpet_dense.mmseg.adapter.ADAPTER`'s, written once in
 """
 from __future__ import annotations
 
-import copy
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from torch import nn
-
-from lrpet_dense.io import load_checkpoint_safe
 
 from .adapter import ADAPTER, CHECKPOINT_KEY, PLAN_KEY, output_tensors
 from .model import LRPETEncoderDecoder
@@ -59,11 +57,12 @@ export_onnx = ADAPTER.export_onnx
 
 def load_model(cfg, path: Optional[str] = None, *, device: Optional[str] = None,
                dense_only: bool = False) -> Tuple[nn.Module, dict]:
-    """Build ``cfg``'s segmentor (any model type) and load a dense or compressed checkpoint strictly.
+    """Build ``cfg``'s segmentor (any model type) as ``mmseg.apis.init_model`` does and load a dense or
+    compressed checkpoint strictly (:meth:`lrpet_dense.openmmlab.OpenMMLabAdapter.load_model`).
 
-    Like ``mmseg.apis.init_model``, but the checkpoint is read with ``torch.load(weights_only=True)``
-    (errors name the file and any offending class), a compressed one first builds its factorised
-    convs, and any missing or unexpected key is an error (mmengine only warns).
+    The checkpoint is read with ``torch.load(weights_only=True)`` (errors name the file and any
+    offending class), a compressed one first builds its factorised convs, and any missing or
+    unexpected key is an error (mmengine only warns).
 
     Args:
         cfg: an mmengine ``Config`` (not modified).
@@ -74,19 +73,4 @@ def load_model(cfg, path: Optional[str] = None, *, device: Optional[str] = None,
     Returns:
         ``(model, checkpoint)``: the model in eval mode, and the checkpoint dict (``{}`` without one).
     """
-    from mmseg.apis import init_model
-
-    device = device or "cpu"
-    ckpt: Dict[str, Any] = {}
-    if path is not None:
-        ckpt = load_checkpoint_safe(path)
-        if dense_only and ADAPTER.is_compressed(ckpt):
-            raise ValueError(f"checkpoint {path!r} is already compressed (factorised); give the dense training "
-                             "checkpoint it was made from (e.g. iter_N.pth)")
-    model = init_model(copy.deepcopy(cfg), None, device=device)
-    if path is not None:
-        ADAPTER.load_state_(model, ckpt, path)
-        meta = ckpt.get("meta") or {}
-        if meta.get("dataset_meta"):
-            model.dataset_meta = meta["dataset_meta"]
-    return model.to(device).eval(), ckpt
+    return ADAPTER.load_model(cfg, path, device=device, dense_only=dense_only)

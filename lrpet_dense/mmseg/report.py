@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
 import torch
 from mmengine.config import Config
-from mmengine.evaluator import Evaluator
-from mmengine.runner import Runner, set_random_seed
+from mmengine.runner import set_random_seed
 from mmengine.structures import PixelData
 from torch import nn
 
+from lrpet_dense.openmmlab.evaluation import run_test_loop
 from lrpet_dense.report import RunMeasurer, measure_run
 
 from .adapter import default_plan_hw
@@ -39,21 +39,10 @@ _SEGMENTOR_NAMES = {"PSPHead": "PSPNet", "ASPPHead": "DeepLabV3", "DepthwiseSepa
                     "FCNHead": "FCN", "UPerHead": "UPerNet"}
 
 
-def _run_test_loop(cfg: Config, predict: Callable[[dict], list]) -> Dict[str, float]:
-    """What mmengine's ``TestLoop`` does, with ``predict(data_batch) -> data samples`` as the model."""
-    loader = Runner.build_dataloader(copy.deepcopy(cfg.test_dataloader))
-    evaluator = Evaluator(copy.deepcopy(cfg.test_evaluator))
-    evaluator.dataset_meta = loader.dataset.metainfo
-    with torch.no_grad():
-        for data in loader:
-            evaluator.process(data_samples=predict(data), data_batch=data)
-    return evaluator.evaluate(len(loader.dataset))
-
-
 def evaluate_segmentor(cfg: Config, model: nn.Module) -> Dict[str, float]:
     """The config's ``test_evaluator`` metrics (e.g. ``mIoU``) of ``model`` on its ``test_dataloader``."""
     model.eval()
-    return _run_test_loop(cfg, model.test_step)
+    return run_test_loop(cfg, model.test_step)
 
 
 def chance_segmentor(cfg: Config, label: int = 0) -> Dict[str, float]:
@@ -64,7 +53,7 @@ def chance_segmentor(cfg: Config, label: int = 0) -> Dict[str, float]:
             s.pred_sem_seg = PixelData(data=torch.full_like(s.gt_sem_seg.data, label))
         return samples
 
-    return _run_test_loop(cfg, constant)
+    return run_test_loop(cfg, constant)
 
 
 class _MMSegRun(RunMeasurer):

@@ -1,28 +1,24 @@
-"""LRPET-S trials for mmseg: a short LRPET training of the user's config with per-group ratios.
+"""LRPET-S trials for mmseg: a short LRPET training of the user's config with per-group ratios, scored by mIoU.
 
-See :mod:`lrpet_dense.search`. Each trial runs mmengine's runner on the config (its model, data,
-optimizer, ``load_from`` as the starting weights) for ``iters`` iterations with a poly schedule
-annealed to 1e-4 and the ``LRPETHook`` options of the config with the trial's overrides; the model
-is then factorised (checked) and evaluated with the config's ``test_evaluator`` on its
-``test_dataloader``.
+See :mod:`lrpet_dense.search` and :class:`lrpet_dense.openmmlab.search.OpenMMLabTrialRunner` (the trial,
+shared with mmdet): each trial runs mmengine's runner on the config for ``iters`` iterations with the
+``LRPETHook`` options of the config and the trial's overrides, then factorises (checked) and evaluates
+with the config's ``test_evaluator`` on its ``test_dataloader``.
 """
 from __future__ import annotations
 
-import copy
-import os
-from typing import Mapping, Optional
+from typing import Optional
 
 from mmengine.config import Config
 
-from lrpet_dense.search import TrialRunner
+from lrpet_dense.openmmlab.search import OpenMMLabTrialRunner
 
 from .adapter import ADAPTER
-from .config import lrpet_config
 
 __all__ = ["SegTrialRunner"]
 
 
-class SegTrialRunner(TrialRunner):
+class SegTrialRunner(OpenMMLabTrialRunner):
     """Trials of an mmseg config that has an ``LRPETHook`` (its options select the layers).
 
     Args:
@@ -34,36 +30,7 @@ class SegTrialRunner(TrialRunner):
     metric = "mIoU"
 
     def __init__(self, cfg: Config, iters: int, load_from: Optional[str] = None):
-        from .deploy import load_model
-
-        base = lrpet_config(cfg)  # raises when the config has no LRPETHook
-        self.load_from = load_from if load_from is not None else cfg.get("load_from")
-        model, _ = load_model(cfg, self.load_from)
-        super().__init__(iters, base, model, ADAPTER)
-        self.cfg = cfg
-
-    def train(self, overrides: Mapping[str, float], work_dir: str, seed: int):
-        from mmengine.runner import Runner
-
-        from .hook import LRPETHook
-
-        cfg = copy.deepcopy(self.cfg)
-        cfg.work_dir = work_dir
-        cfg.experiment_name = f"lrpet_search_{os.path.basename(work_dir)}_{os.getpid()}"
-        cfg.load_from, cfg.resume = self.load_from, False
-        hooks = [dict(h) for h in cfg.get("custom_hooks", []) if dict(h).get("type") != "LRPETHook"]
-        options = self.trial_config(overrides).to_dict()
-        options["interval"] = min(options["interval"], max(self.iters // 4, 1))
-        cfg.custom_hooks = hooks + [dict(type="LRPETHook", **options)]
-        cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=self.iters, val_interval=10 ** 9)
-        cfg.param_scheduler = [dict(type="PolyLR", eta_min=1e-4, power=0.9, begin=0, end=self.iters, by_epoch=False)]
-        cfg.default_hooks.checkpoint = None
-        cfg.randomness = dict(seed=seed)
-        self.trial_cfg = cfg
-        runner = Runner.from_cfg(cfg)
-        runner.train()
-        hook = next(h for h in runner.hooks if isinstance(h, LRPETHook))
-        return runner.model, hook.plan
+        super().__init__(cfg, iters, ADAPTER, load_from)
 
     def evaluate(self, model) -> float:
         from .report import evaluate_segmentor

@@ -34,8 +34,6 @@ from .pairing import unwrap_model
 __all__ = ["LRPETHook"]
 
 
-@HOOKS.register_module()
-
 def _loss_forward(model: nn.Module, data_batch) -> None:
     """A training forward (``mode='loss'``, no backward) on a loader batch: every BN a training step updates
     sees it (the segmentor's or detector's own data preprocessing first)."""
@@ -45,6 +43,8 @@ def _loss_forward(model: nn.Module, data_batch) -> None:
     else:
         model(*data, mode="loss")
 
+
+@HOOKS.register_module()
 class LRPETHook(Hook):
     """Project the selected convs onto their planned rank every ``interval`` iterations.
 

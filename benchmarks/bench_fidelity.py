@@ -5,12 +5,14 @@ The paper's claim (Guo et al., TNNLS 2024; ``docs/method.md``, "Measuring fideli
 training**: training at full shape while projecting, for the whole run, ends better than decomposing a trained
 model and fine-tuning it, at the same number of iterations in all. This benchmark tests that claim on a generated
 proxy task (:mod:`lrpet_dense.data.proxy_voc`: shape x texture classes, small overlapping objects, distractors;
-real JPEG/XML/PNG files read by the frameworks' own VOC loaders and evaluators), with every model trained from
-random initialisation by the frameworks' own runners (mmseg PSPNet R50-D8; detectron2 Faster R-CNN R50-C4).
+real JPEG/XML/PNG files read by the frameworks' own VOC loaders and evaluators), with every model trained by the
+frameworks' own runners (mmseg PSPNet R50-D8; detectron2 Faster R-CNN R50-C4). Real training starts from ImageNet
+weights; here the segmentation rows (all but ``scratch``) start from a backbone pretrained on a *source* proxy task
+(other classes, other images: ``pretrain_iters``), the detection rows from random initialisation.
 
 **1. Converged reference.** The dense model is trained for several budgets (``--seg-iters`` T times
-``seg_curve``: 0.25, 0.5, 0.7, 0.9 and 1; three seeds each), every budget with its own complete schedule (linear
-warm-up, poly decay to 1e-4). T counts as converged when the last doubling (T/2 -> T) gains less than one
+``seg_curve``: 0.5, 0.7, 0.9 and 1; three seeds each; 0.7 and 0.9 are also svd-ft's starting points), every
+budget with its own complete schedule (linear warm-up, poly decay to 1e-4). T counts as converged when the last doubling (T/2 -> T) gains less than one
 standard error of the T runs; the check is printed and fails otherwise.
 
 **2. Equal total training (the headline table).** Every row trains T iterations in all, with the same data,

@@ -9,7 +9,10 @@
 # (OpenMP's threads wait for each other while another job holds a core) and the report would only
 # say that the timing was too noisy; one thread's agree to about 10%.
 # Output: output/quickstart/ (dataset, runs, compressed checkpoints, logs, det/report, seg/report,
-# report.md). Environment: LRPET_QUICKSTART_OUT (output folder), PYTHON (interpreter).
+# report.md). Environment: LRPET_QUICKSTART_OUT (output folder), PYTHON (interpreter),
+# LRPET_QUICKSTART_MMDET=1 (a third model: Faster R-CNN R50-FPN in mmdetection, trained with mmdet's own
+# tools/train.py, compressed, its compressed checkpoint evaluated by mmdet's tools/test.py and reported;
+# off by default: it adds minutes beyond the quickstart's time goal).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -56,16 +59,24 @@ run "$OUT/det_compress.log" "^factorised|^backbone |^model " \
   --output "$OUT/det/model_compressed.pth"
 end
 
-begin seg-train "mmseg: training PSPNet R50-D8 with LRPETHook from random init (mmseg's own tools/train.py, $SEG_CFG)"
-MMSEG_TRAIN=$("$PY" -c "import mmseg, os; print(os.path.join(os.path.dirname(mmseg.__file__), '.mim', 'tools', 'train.py'))")
-run "$OUT/seg_train.log" "Iter\(train\)|LRPET projection|Iter\(val\).*mIoU" \
-  "$PY" "$MMSEG_TRAIN" "$SEG_CFG" --work-dir "$OUT/seg"
-SEG_CKPT=$(cat "$OUT/seg/last_checkpoint")
-end
-begin seg-compress "mmseg: compressing (lrpet-dense compress seg)"
-run "$OUT/seg_compress.log" "^factorised|^backbone|^model" \
-  "${CLI[@]}" compress seg "$SEG_CFG" "$SEG_CKPT" "$OUT/seg/model_compressed.pth"
-end
+# An OpenMMLab model: NAME (seg | mmdet: the compress subcommand and OUT/NAME), PKG (mmseg | mmdet), what it
+# is, its config and its evaluation's log pattern. Trained by PKG's own tools/train.py, compressed by
+# lrpet-dense compress NAME; sets CKPT to the trained checkpoint.
+mm_tools() { "$PY" -c "import $1, os; print(os.path.join(os.path.dirname($1.__file__), '.mim', 'tools'))"; }
+openmmlab_train_compress() {
+  local name=$1 pkg=$2 what=$3 cfg=$4 eval=$5
+  begin "$name-train" "$pkg: training $what with LRPETHook from random init ($pkg's own tools/train.py, $cfg)"
+  run "$OUT/${name}_train.log" "Iter\(train\)|LRPET projection|$eval" \
+    "$PY" "$(mm_tools "$pkg")/train.py" "$cfg" --work-dir "$OUT/$name"
+  CKPT=$(cat "$OUT/$name/last_checkpoint")
+  end
+  begin "$name-compress" "$pkg: compressing (lrpet-dense compress $name)"
+  run "$OUT/${name}_compress.log" "^factorised|^backbone|^model" \
+    "${CLI[@]}" compress "$name" "$cfg" "$CKPT" "$OUT/$name/model_compressed.pth"
+  end
+}
+openmmlab_train_compress seg mmseg "PSPNet R50-D8" "$SEG_CFG" "Iter\(val\).*mIoU"
+SEG_CKPT=$CKPT
 
 begin det-report "report: detectron2 model (accuracy vs chance, params/MACs, CPU latency in the deploy form, spectra)"
 run "$OUT/det_report.log" "^report written|Evaluation results|copypaste: [0-9]|latency:" \
@@ -76,14 +87,32 @@ begin seg-report "report: mmseg model"
 run "$OUT/seg_report.log" "^report written|mIoU:|latency:" \
   "${CLI[@]}" report seg "$SEG_CFG" "$SEG_CKPT" "$OUT/seg/model_compressed.pth" --out "$OUT/seg/report" --threads 1 \
   --quiet
-"${CLI[@]}" report summary "$OUT/det/report" "$OUT/seg/report" --out "$OUT/report.md" > /dev/null
 end
+
+REPORTS=("$OUT/det/report" "$OUT/seg/report")
+if [ "${LRPET_QUICKSTART_MMDET:-0}" = 1 ]; then
+  MMDET_CFG=$("${CLI[@]}" config-path toy/faster-rcnn_r50_fpn_lrpet_quickstart.py)
+  openmmlab_train_compress mmdet mmdet "Faster R-CNN R50-FPN" "$MMDET_CFG" "pascal_voc/mAP"
+  MMDET_CKPT=$CKPT
+  begin mmdet-test "mmdet: its own tools/test.py on the compressed checkpoint"
+  run "$OUT/mmdet_test.log" "pascal_voc/mAP" \
+    "$PY" "$(mm_tools mmdet)/test.py" "$MMDET_CFG" "$OUT/mmdet/model_compressed.pth" --work-dir "$OUT/mmdet/test"
+  end
+  begin mmdet-report "report: mmdet model"
+  run "$OUT/mmdet_report.log" "^report written|mAP|latency:" \
+    "${CLI[@]}" report mmdet "$MMDET_CFG" "$MMDET_CKPT" "$OUT/mmdet/model_compressed.pth" --out "$OUT/mmdet/report" \
+    --threads 1 --quiet
+  end
+  REPORTS+=("$OUT/mmdet/report")
+fi
+"${CLI[@]}" report summary "${REPORTS[@]}" --out "$OUT/report.md" > /dev/null
 
 echo
 cat "$OUT/det/report/report.md"
 echo
 cat "$OUT/seg/report/report.md"
 echo
+if [ "${LRPET_QUICKSTART_MMDET:-0}" = 1 ]; then cat "$OUT/mmdet/report/report.md"; echo; fi
 cat "$OUT/report.md"
 echo
 log "steps: ${STEP_TIMES[*]}; load average now $(load)"

@@ -27,7 +27,7 @@ from lrpet_dense.openmmlab.evaluation import run_test_loop
 from lrpet_dense.report import RunMeasurer, measure_run
 
 from .adapter import default_plan_hw
-from .deploy import count_complexity, load_model, plan_from_checkpoint
+from .deploy import count_complexity, load_model, plan_from_checkpoint, to_inference_
 from .model import RawOutputs, counted_proposals, padded_hw
 
 __all__ = ["evaluate_detector", "chance_detector", "box_metric", "measure"]
@@ -98,6 +98,7 @@ class _MMDetRun(RunMeasurer):
 
     load_model = staticmethod(load_model)
     plan_from_checkpoint = staticmethod(plan_from_checkpoint)
+    to_inference = staticmethod(to_inference_)
 
     def title(self):
         model = self.cfg.model
@@ -130,7 +131,7 @@ class _MMDetRun(RunMeasurer):
                 "dataset": f"{data.type} {data.get('ann_file', '')}".strip(),
                 "evaluator": f"mmdet {evaluator.get('type', evaluator) if isinstance(evaluator, dict) else evaluator}",
                 "dense": 100 * float(m_d[metric]), "factorized": 100 * float(m_f[metric]),
-                "chance": 100 * float(m_c[metric]), "chance_method": how}
+                "chance": 100 * float(m_c[metric]), "chance_method": how, "dataset_root": data.get("data_root")}
 
     def initial_model(self, initial, dense, notes):
         from mmdet.registry import MODELS

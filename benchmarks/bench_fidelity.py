@@ -139,8 +139,8 @@ class Budget:
 
 
 FULL = Budget()
-QUICK = Budget(seg_iters=60, seg_curve=(0.5,), det_iters=60, det_curve=(), seeds=1, cuts=(0.5,), svd_ft=(0.1,),
-               groups=("core50", "det"), bn_batches=8, finetune_curve=(), pretrain_iters=60)
+QUICK = Budget(seg_iters=40, seg_curve=(0.5,), det_iters=40, det_curve=(), projections=10, seeds=1, cuts=(0.5,),
+               svd_ft=(0.1,), groups=("core50", "det"), bn_batches=8, finetune_curve=(), pretrain_iters=40)
 TINY = Budget(seg_iters=4, seg_curve=(0.5,), det_iters=4, det_curve=(0.5,), projections=2, seeds=1, cuts=(0.5,),
               svd_ft=(0.5,), prune_ft=0.5, prune_steps=2, finetune_curve=(2,), projections_ft=1, bn_batches=2,
               pretrain_iters=2, source_images=4,

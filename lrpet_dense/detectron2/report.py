@@ -109,7 +109,7 @@ class _Detectron2Run(RunMeasurer):
     load_model = staticmethod(load_model)
     plan_from_checkpoint = staticmethod(plan_from_checkpoint)
     to_inference = staticmethod(to_inference_)
-    check_hw = (160, 160)  # to_inference_'s default
+    check_hw = (160, 160)  # the deploy copies are checked at up to 160 px (the adapters' default check is 64 px)
 
     def __init__(self, cfg: CfgNode):
         cfg = cfg.clone()

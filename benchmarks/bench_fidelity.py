@@ -169,6 +169,9 @@ class Job:
                                                  and isinstance(o[1], float) and 0 <= o[1] < 1)]
         if not isinstance(self.overrides, tuple) or bad:
             raise ValueError(f"Job.overrides must be a tuple of (pattern, ratio in [0, 1)) pairs, got {self.overrides!r}")
+        if self.overrides and not (self.fw == "seg" and self.method in LRPET_METHODS):
+            raise ValueError(f"Job.overrides are the plan of a segmentation LRPET row ({', '.join(LRPET_METHODS)}); "
+                             f"got fw {self.fw!r}, method {self.method!r}")
 
     @property
     def name(self) -> str:
@@ -389,8 +392,6 @@ def seg_job(setup: Setup, job: Job) -> Dict[str, Any]:
     cfg = _seg_cfg(setup, work, job.iters, job.seed, finetune=finetune, pretrained=from_pretrained)
     model = None
     hook_job = job.method in LRPET_METHODS or job.method == "ft-lrpet"
-    if job.overrides and not hook_job:
-        raise ValueError(f"{job.name}: overrides are the plan of an LRPET row; method {job.method!r} has none")
     if hook_job:
         method = "lrpet" if job.method == "ft-lrpet" else job.method
         projections = b.projections_ft if job.method == "ft-lrpet" else FEW_PROJECTIONS.get(method, b.projections)

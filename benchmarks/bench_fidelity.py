@@ -168,7 +168,8 @@ class Job:
         bad = [o for o in self.overrides if not (isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str)
                                                  and isinstance(o[1], float) and 0 <= o[1] < 1)]
         if not isinstance(self.overrides, tuple) or bad:
-            raise ValueError(f"Job.overrides must be a tuple of (pattern, ratio in [0, 1)) pairs, got {self.overrides!r}")
+            raise ValueError("Job.overrides must be a tuple of (pattern, ratio in [0, 1)) pairs, got "
+                             f"{self.overrides!r}")
         if self.overrides and not (self.fw == "seg" and self.method in LRPET_METHODS):
             raise ValueError(f"Job.overrides are the plan of a segmentation LRPET row ({', '.join(LRPET_METHODS)}); "
                              f"got fw {self.fw!r}, method {self.method!r}")

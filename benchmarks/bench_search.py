@@ -184,16 +184,16 @@ def render_markdown(data: Dict[str, Any]) -> str:
              f"- search cost: {s['wall_s'] / 60:.1f} min wall, {s['cpu_s'] / 60:.1f} CPU-min (all its processes)",
              f"- best plan (trial {best['number']}, trial mIoU {best['mIoU']:.2f}, size {best['size']:.4f}): "
              f"`{ {k: round(v, 4) for k, v in data['overrides']} }`",
-             f"- then trained like the fidelity `lrpet` row: {data['budget']['seg_iters']} iterations from the pretrained "
-             f"backbone, {data['budget']['projections']} projections, BN statistics recomputed on "
+             f"- then trained like the fidelity `lrpet` row: {data['budget']['seg_iters']} iterations from the "
+             f"pretrained backbone, {data['budget']['projections']} projections, BN statistics recomputed on "
              f"{data['budget']['bn_batches']} training batches at the end ('as trained': before it), "
              f"{len(data['seeds'])} seed(s); p: two-sided Welch t-test against the single ratio", "",
              "| row | total iters | mIoU | as trained | n | backbone MACs (counted) | MACs cut | vs single | p |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         delta = "" if r.get("vs_single") is None else f"{r['vs_single']:+.2f}"
-        lines.append(f"| {r['label']} | {r['iters_total']} | {fid._fmt(r)} | {r['as_trained']['mean']:.2f} | {r['n']} | "
-                     f"{r['macs'] / 1e6:.1f} M | {r['macs_cut']:.1%} | {delta} | {fid._p(r.get('p'))} |")
+        lines.append(f"| {r['label']} | {r['iters_total']} | {fid._fmt(r)} | {r['as_trained']['mean']:.2f} | "
+                     f"{r['n']} | {r['macs'] / 1e6:.1f} M | {r['macs_cut']:.1%} | {delta} | {fid._p(r.get('p'))} |")
     lines += ["", "## Checks", ""]
     for c in data["checks"]:
         lines.append(f"- {c['check']}: **{'ok' if c['ok'] else 'FAILED'}** ({c['detail']})")
@@ -280,7 +280,8 @@ def main(argv=None) -> int:
                               args.workers)
     dense_macs = statistics.fmean(r["macs"]["macs"] for r in dense_runs)
     rows = [_row("dense", "dense", dense_runs, dense_macs),
-            _row("single", f"LRPET, single ratio p={single.ratio:.3f} (the fidelity lrpet row)", single_runs, dense_macs),
+            _row("single", f"LRPET, single ratio p={single.ratio:.3f} (the fidelity lrpet row)", single_runs,
+                 dense_macs),
             _row("searched", "LRPET-S, searched per-stage ratios", searched_runs, dense_macs)]
     ref = rows[1]
     for r in (rows[0], rows[2]):

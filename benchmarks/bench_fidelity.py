@@ -160,11 +160,27 @@ class Job:
     iters: int = 0
     start: int = 0
     group: str = field(default="core50", compare=False)  # scheduling priority only: not part of the job's identity
+    #: per-layer ratios ``((fnmatch pattern, ratio), ...)`` of an LRPET row's plan in place of the ratio solved for
+    #: ``cut`` (a searched plan; ``cut`` stays the cut it was searched under); part of the job's identity
+    overrides: Tuple[Tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = [o for o in self.overrides if not (isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str)
+                                                 and isinstance(o[1], float) and 0 <= o[1] < 1)]
+        if not isinstance(self.overrides, tuple) or bad:
+            raise ValueError("Job.overrides must be a tuple of (pattern, ratio in [0, 1)) pairs, got "
+                             f"{self.overrides!r}")
+        if self.overrides and not (self.fw == "seg" and self.method in LRPET_METHODS):
+            raise ValueError(f"Job.overrides are the plan of a segmentation LRPET row ({', '.join(LRPET_METHODS)}); "
+                             f"got fw {self.fw!r}, method {self.method!r}")
 
     @property
     def name(self) -> str:
         cut = "dense" if self.cut is None else f"{self.cut:g}"
-        return f"{self.fw}_{self.method}_{cut}_s{self.seed}_{self.start}+{self.iters}"
+        name = f"{self.fw}_{self.method}_{cut}_s{self.seed}_{self.start}+{self.iters}"
+        if self.overrides:  # a short stable digest of the plan's ratios (the name is a file name)
+            name += "_o" + hashlib.sha1(json.dumps(self.overrides).encode()).hexdigest()[:10]
+        return name
 
     def deps(self, b: "Budget") -> List["Job"]:
         """The jobs whose checkpoints this one starts from."""
@@ -318,6 +334,21 @@ def _seg_plan(model, cut: float, method: str):
     return config, lm.build_plan(model, lm.pair_convs(model, config).layers, config)
 
 
+def lrpet_hook_options(b: Budget, method: str, cut: Optional[float], iters: int, projections: int,
+                       overrides: Tuple[Tuple[str, float], ...] = ()) -> Dict[str, Any]:
+    """The ``LRPETHook`` options of an LRPET row: ``projections`` projections over ``iters`` iterations at the
+    method's ET / BNR / rank policy, one ratio solved for ``cut`` (or the plan of ``overrides``: a ratio per layer
+    pattern); no BN ending of the hook's own (``precise_bn_iters=0``: the ending is the bench's)."""
+    et, bnr, policy = PROJECTION[method]
+    options: Dict[str, Any] = dict(target_macs_cut=cut, interval=max(iters // projections, 1), energy_transfer=et,
+                                   bn_rectification=bnr, rank_policy=policy, precise_bn_iters=0)
+    if method == "lrpet-ramp":
+        options["rank_warmup"] = share_of(b.seg_iters, b.rank_warmup)
+    if overrides:
+        options.update(target_macs_cut=None, overrides=dict(overrides))
+    return options
+
+
 def _seg_dense_model(setup: Setup, job: Job):
     import lrpet_dense.mmseg as lm
 
@@ -332,7 +363,6 @@ def seg_job(setup: Setup, job: Job) -> Dict[str, Any]:
     import lrpet_dense.mmseg as lm
 
     b = setup.budget
-    T = b.seg_iters
     work = os.path.join(setup.out, "runs", job.name)
     os.makedirs(work, exist_ok=True)
     os.makedirs(os.path.join(setup.out, "checkpoints"), exist_ok=True)
@@ -365,13 +395,9 @@ def seg_job(setup: Setup, job: Job) -> Dict[str, Any]:
     hook_job = job.method in LRPET_METHODS or job.method == "ft-lrpet"
     if hook_job:
         method = "lrpet" if job.method == "ft-lrpet" else job.method
-        et, bnr, policy = PROJECTION[method]
         projections = b.projections_ft if job.method == "ft-lrpet" else FEW_PROJECTIONS.get(method, b.projections)
-        options = dict(target_macs_cut=job.cut, interval=max(job.iters // projections, 1), energy_transfer=et,
-                       bn_rectification=bnr, rank_policy=policy, precise_bn_iters=0)  # the ending is the bench's
-        if method == "lrpet-ramp":
-            options["rank_warmup"] = share_of(T, b.rank_warmup)
-        cfg.custom_hooks = [dict(type="LRPETHook", **options)]
+        cfg.custom_hooks = [dict(type="LRPETHook", **lrpet_hook_options(b, method, job.cut, job.iters, projections,
+                                                                        job.overrides))]
         if job.method == "ft-lrpet":
             cfg.load_from = setup.ckpt(job.deps(b)[0])
     elif job.method == "ft-dense":
@@ -704,15 +730,21 @@ def _det_validate(setup: Setup, job: Job, work: str) -> Dict[str, Any]:
 
 
 # ======================================================================================= jobs and workers
+def add_jobs(b: Budget, jobs: List[Job], *new: Job) -> List[Job]:
+    """Append ``new`` to ``jobs`` (in place; returned), each after its dependencies, none twice."""
+    for j in new:
+        add_jobs(b, jobs, *(replace(d, group=j.group) for d in j.deps(b)))  # what it starts from, first
+        if j not in jobs:
+            jobs.append(j)
+    return jobs
+
+
 def plan_jobs(b: Budget, frameworks: Sequence[str]) -> List[Job]:
     """Every job of the mode, in priority order (a job's dependencies come before it)."""
     jobs: List[Job] = []
 
     def add(*new: Job) -> None:
-        for j in new:
-            add(*(replace(d, group=j.group) for d in j.deps(b)))  # what it starts from, first
-            if j not in jobs:
-                jobs.append(j)
+        add_jobs(b, jobs, *new)
 
     seeds = range(b.seeds)
     T = b.seg_iters
@@ -1163,6 +1195,42 @@ def _commit() -> str:
         return "unknown"
 
 
+def make_setup(budget: Budget, out: str, frameworks: Sequence[str] = ("seg", "det"), *, voc_root: Optional[str] = None,
+               device: str = "cpu", threads: int = 1, reuse: bool = True) -> Tuple[Setup, str]:
+    """The datasets of ``budget`` under ``out`` (the generated proxy and its source task, the detection toy set
+    when ``frameworks`` has ``det``; written every time, deterministically) and the :class:`Setup` of its jobs,
+    with the task's description. ``voc_root``: a folder holding VOCdevkit (real VOC) in place of the proxy."""
+    from lrpet_dense.data.proxy_voc import make_proxy_voc
+    from lrpet_dense.data.toy_voc import make_toy_voc
+
+    os.makedirs(out, exist_ok=True)
+    det_root = os.path.join(out, "toy_det")
+    source_root = os.path.join(out, "source")
+    if voc_root:
+        data_root, task = voc_root, f"real VOC under {voc_root}"
+    else:
+        data_root = os.path.join(out, "proxy")
+        make_proxy_voc(data_root, budget.train_images, budget.test_images, budget.image_size,
+                       classes=budget.target_classes)
+        task = (f"segmentation: generated proxy (lrpet_dense.data.proxy_voc) with the shape x texture classes "
+                f"{', '.join(budget.target_classes)}: {budget.train_images} train / {budget.test_images} test images of "
+                f"{budget.image_size} px, {budget.crop} px crops, batch {budget.batch}")
+        if budget.pretrain_iters:
+            make_proxy_voc(source_root, budget.source_images, budget.test_images, budget.image_size, seed=1,
+                           classes=budget.source_classes)
+            task += (f"; every row but 'scratch' starts from a backbone pretrained for {budget.pretrain_iters} "
+                     f"iterations on a source task (the stand-in for ImageNet weights: the classes "
+                     f"{', '.join(budget.source_classes)}, other images, {budget.source_images} train images)")
+    if "det" in frameworks and "det" in budget.groups:
+        make_toy_voc(det_root, budget.det_train_images, budget.det_test_images, budget.det_image_size,
+                     max_objects=2, object_size=(0.3, 0.6), noise=6)
+        task += (f"; detection: the quickstart's toy set (3 classes, {budget.det_train_images} train / "
+                 f"{budget.det_test_images} test images of {budget.det_image_size} px)")
+    setup = Setup(out=out, data_root=data_root, source_root=source_root, det_root=det_root, budget=budget,
+                  device=device, threads=threads, voc=bool(voc_root), reuse=reuse)
+    return setup, task
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
@@ -1194,35 +1262,8 @@ def main(argv=None) -> int:
     budget = replace(budget, **changes)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     args.out = os.path.abspath(args.out or os.path.join(ROOT, "output", "fidelity", mode))
-    os.makedirs(args.out, exist_ok=True)
-    from lrpet_dense.data.proxy_voc import make_proxy_voc
-    from lrpet_dense.data.toy_voc import make_toy_voc
-
-    det_root = os.path.join(args.out, "toy_det")
-    source_root = os.path.join(args.out, "source")
-    if args.voc_root:
-        data_root, task = args.voc_root, f"real VOC under {args.voc_root}"
-    else:
-        data_root = os.path.join(args.out, "proxy")
-        make_proxy_voc(data_root, budget.train_images, budget.test_images, budget.image_size,
-                       classes=budget.target_classes)
-        task = (f"segmentation: generated proxy (lrpet_dense.data.proxy_voc) with the shape x texture classes "
-                f"{', '.join(budget.target_classes)}: {budget.train_images} train / {budget.test_images} test images of "
-                f"{budget.image_size} px, {budget.crop} px crops, batch {budget.batch}")
-        if budget.pretrain_iters:
-            make_proxy_voc(source_root, budget.source_images, budget.test_images, budget.image_size, seed=1,
-                           classes=budget.source_classes)
-            task += (f"; every row but 'scratch' starts from a backbone pretrained for {budget.pretrain_iters} "
-                     f"iterations on a source task (the stand-in for ImageNet weights: the classes "
-                     f"{', '.join(budget.source_classes)}, other images, {budget.source_images} train images)")
-    if "det" in args.frameworks and "det" in budget.groups:
-        make_toy_voc(det_root, budget.det_train_images, budget.det_test_images, budget.det_image_size,
-                     max_objects=2, object_size=(0.3, 0.6), noise=6)
-        task += (f"; detection: the quickstart's toy set (3 classes, {budget.det_train_images} train / "
-                 f"{budget.det_test_images} test images of {budget.det_image_size} px)")
-    setup = Setup(out=args.out, data_root=data_root, source_root=source_root, det_root=det_root, budget=budget,
-                  device=args.device,
-                  threads=args.threads, voc=bool(args.voc_root), reuse=not args.fresh)
+    setup, task = make_setup(budget, args.out, args.frameworks, voc_root=args.voc_root, device=args.device,
+                             threads=args.threads, reuse=not args.fresh)
     t0 = time.time()
     jobs = plan_jobs(budget, args.frameworks)
     deadline = None if args.max_minutes is None else t0 + 60 * args.max_minutes

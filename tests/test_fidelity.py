@@ -1,4 +1,4 @@
-"""The fidelity harness (``benchmarks/bench_fidelity.py``).
+"""The fidelity harness (``benchmarks/bench_fidelity.py``) and the LRPET-S bench on it (``bench_search.py``).
 
 ``--tiny`` runs every code path once through both frameworks' trainers and evaluators (no accuracy
 threshold: a few iterations on a handful of images measure nothing but that the protocol runs end to
@@ -64,6 +64,39 @@ def test_fidelity_harness_tiny(tmp_path):
     assert data["cpu"] and data["date"] and "--tiny" in data["command"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_search_bench_tiny(tmp_path):
+    """``bench_search.py --tiny``: the fidelity rows through the fidelity job runner, a two-trial search, the best
+    plan trained like the ``lrpet`` row; its MACs within the budget (the single ratio's, counted)."""
+    out, fout = tmp_path / "search", tmp_path / "fid"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_search.py", "--tiny", "--trials", "2", "--trial-iters", "2",
+                           "--seeds", "1", "--workers", "1", "--out", str(out), "--fidelity-out", str(fout)],
+                          cwd=REPO, capture_output=True, text=True, timeout=850)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    data = json.loads((out / "search_bench.json").read_text())
+    assert "## Checks" in (out / "search_bench.md").read_text() and (out / "search.png").stat().st_size > 0
+    rows = {r["row"]: r for r in data["rows"]}
+    assert list(rows) == ["dense", "single", "searched"]
+    T = bf.TINY.seg_iters
+    for r in rows.values():  # equal total training: every row T iterations from the pretrained backbone
+        assert r["iters_total"] == T and r["n"] == 1 and all(isinstance(v, float) for v in r["values"]), r
+    single, searched = rows["single"], rows["searched"]
+    assert searched["macs"] <= single["macs"] < rows["dense"]["macs"]  # the budget, as the framework counts MACs
+    assert abs(single["macs_cut"] - 0.5) <= 0.005 and data["checks"] and all(c["ok"] for c in data["checks"])
+    assert data["search"]["trials"] == 2 and len(data["trials_table"]) == 2
+    assert data["best"]["size"] <= data["search"]["max_size"]
+    assert {k for k, _ in data["overrides"]} == set(data["best"]["params"])
+    # the references are the fidelity bench's own jobs (same names, same cache); the searched one its own
+    lrpet = bf.Job("seg", "lrpet", 0.5, 0, T, 0)
+    plan = bf.Job("seg", "lrpet", 0.5, 0, T, 0, overrides=tuple((k, float(v)) for k, v in data["overrides"]))
+    assert set(data["results"]) == {"seg_dense_dense_s0_0+4", lrpet.name, plan.name}
+    assert plan.name.startswith(lrpet.name + "_o")
+    assert data["results"][plan.name]["plan_cut"] == pytest.approx(1 - data["best"]["size"], abs=1e-12)
+    key = bf._settings_key(bf.TINY, "seg")
+    assert all((fout / "jobs" / f"{name}_{key}.json").is_file() for name in data["results"])
+
+
 # -- statistics and checks on synthetic results (fast) ------------------------------------------------------------
 def _r(fw, method, values, cut=None, iters=10, start=0, macs=100.0, **extra):
     return [dict(fw=fw, method=method, cut=cut, seed=i, iters=iters, start=start, group="core50", value=v,
@@ -126,6 +159,26 @@ def test_welch_p_values_and_goals():
     goals = {g["goal"].split(" at ")[0][:40]: g["met"] for g in s["goals"]}
     assert list(goals.values()) == [True, True, False], s["goals"]  # 0.5 below dense; ahead with p < 0.05; prune low
     assert bf.welch_p([1.0], [2.0, 3.0]) is None
+
+
+def test_job_overrides_are_part_of_the_identity_and_leave_other_names_alone():
+    plain = bf.Job("seg", "lrpet", 0.5, 1, 300, 0)
+    assert plain.name == "seg_lrpet_0.5_s1_0+300"  # the job cache's file names of existing runs
+    plan = (("backbone.layer1.*", 0.4), ("backbone.layer2.*", 0.65))
+    a, b = bf.Job("seg", "lrpet", 0.5, 1, 300, 0, overrides=plan), bf.Job("seg", "lrpet", 0.5, 1, 300, 0, "x", plan)
+    assert a == b and a.name == b.name and a != plain and a.name.startswith(plain.name + "_o")
+    other = bf.Job("seg", "lrpet", 0.5, 1, 300, 0, overrides=(("backbone.layer1.*", 0.4), ("backbone.layer2.*", 0.6)))
+    assert other.name != a.name
+    assert a.deps(B) == plain.deps(B)  # from the same pretrained backbone
+    for bad in ((("backbone.layer1.*", 1.0),), (("backbone.layer1.*", 1),), [("backbone.layer1.*", 0.4)]):
+        with pytest.raises(ValueError, match="overrides"):
+            bf.Job("seg", "lrpet", 0.5, overrides=bad)
+    for fw, method in (("seg", "svd-ft"), ("det", "lrpet")):
+        with pytest.raises(ValueError, match="LRPET row"):
+            bf.Job(fw, method, 0.5, overrides=plan)
+    opts = bf.lrpet_hook_options(B, "lrpet", 0.5, 300, 20, plan)
+    assert opts["target_macs_cut"] is None and opts["overrides"] == dict(plan)
+    assert bf.lrpet_hook_options(B, "lrpet", 0.5, 300, 20)["target_macs_cut"] == 0.5
 
 
 def statistics_mean(v):

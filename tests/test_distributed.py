@@ -291,7 +291,7 @@ def _d2_worker(devkit: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)
 def test_detectron2_hook_with_launch_ddp_ranks_identical(tmp_path):
     pytest.importorskip("detectron2")
     from detectron2.engine import launch
@@ -386,7 +386,7 @@ custom_hooks = [
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_mmseg_runner_pytorch_launcher_ranks_identical(tmp_path):
     mmseg = pytest.importorskip("mmseg")
     train_py = Path(mmseg.__file__).parent / ".mim" / "tools" / "train.py"

@@ -20,13 +20,20 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_fidelity as bf  # noqa: E402
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_fidelity_harness_tiny(tmp_path):
-    out = tmp_path / "fid"
+@pytest.fixture(scope="module")
+def fidelity_tiny(tmp_path_factory) -> Path:
+    """One ``bench_fidelity.py --tiny`` run (its folder): checked below, and the job cache the search bench reuses."""
+    out = tmp_path_factory.mktemp("fid")
     proc = subprocess.run([sys.executable, "benchmarks/bench_fidelity.py", "--tiny", "--workers", "2", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=1450)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_fidelity_harness_tiny(fidelity_tiny):
+    out = fidelity_tiny
     data = json.loads((out / "fidelity.json").read_text())
     assert (out / "fidelity.png").stat().st_size > 0
     md = (out / "fidelity.md").read_text()
@@ -66,10 +73,11 @@ def test_fidelity_harness_tiny(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_search_bench_tiny(tmp_path):
-    """``bench_search.py --tiny``: the fidelity rows through the fidelity job runner, a two-trial search, the best
-    plan trained like the ``lrpet`` row; its MACs within the budget (the single ratio's, counted)."""
-    out, fout = tmp_path / "search", tmp_path / "fid"
+def test_search_bench_tiny(fidelity_tiny, tmp_path):
+    """``bench_search.py --tiny``: the fidelity rows through the fidelity job runner (the fidelity run's cache: its
+    dense and lrpet jobs are reused, as a user's search after the fidelity bench reuses them), a two-trial search,
+    the best plan trained like the ``lrpet`` row; its MACs within the budget (the single ratio's, counted)."""
+    out, fout = tmp_path / "search", fidelity_tiny
     proc = subprocess.run([sys.executable, "benchmarks/bench_search.py", "--tiny", "--trials", "2", "--trial-iters", "2",
                            "--seeds", "1", "--workers", "1", "--out", str(out), "--fidelity-out", str(fout)],
                           cwd=REPO, capture_output=True, text=True, timeout=850)

@@ -820,13 +820,25 @@ def _settings_key(b: Budget, fw: str) -> str:
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_job(setup: Setup, job: Job) -> Dict[str, Any]:
-    """One job, timed; its result also lands in ``OUT/jobs/<job>.json`` (a rerun with the same settings reuses it)."""
-    key = _settings_key(setup.budget, job.fw)
-    path = os.path.join(setup.out, "jobs", f"{job.name}_{key}.json")
+def _job_path(setup: Setup, job: Job) -> str:
+    return os.path.join(setup.out, "jobs", f"{job.name}_{_settings_key(setup.budget, job.fw)}.json")
+
+
+def cached_result(setup: Setup, job: Job) -> Optional[Dict[str, Any]]:
+    """The result of ``job`` from an earlier run with the same settings (None if there is none, or ``--fresh``)."""
+    path = _job_path(setup, job)
     if setup.reuse and os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
+    return None
+
+
+def run_job(setup: Setup, job: Job) -> Dict[str, Any]:
+    """One job, timed; its result also lands in ``OUT/jobs/<job>.json`` (a rerun with the same settings reuses it)."""
+    path = _job_path(setup, job)
+    cached = cached_result(setup, job)
+    if cached is not None:
+        return cached
     t0, c0 = time.time(), time.process_time()
     out = (seg_job if job.fw == "seg" else det_job)(setup, job)
     out.update(asdict(job), name=job.name, seconds=round(time.time() - t0, 1),
@@ -847,13 +859,20 @@ def run_all(setup: Setup, jobs: Sequence[Job], workers: int, deadline: Optional[
     no new job is started after ``deadline`` (``time.time()``). Returns the finished jobs' results."""
     b = setup.budget
     done: Dict[Job, Dict[str, Any]] = {}
-    todo = list(jobs)
+    todo = []
+    for j in jobs:  # finished jobs are read whatever the deadline (it limits the jobs that need running)
+        cached = cached_result(setup, j)
+        if cached is None:
+            todo.append(j)
+        else:
+            done[j] = cached
     if workers <= 1:
         _init_worker(setup)
         for j in todo:
             if deadline is not None and time.time() > deadline:
                 break
-            done[j] = run_job(setup, j)
+            if all(d in done for d in j.deps(b)):
+                done[j] = run_job(setup, j)
         return done
     import multiprocessing
 
@@ -1162,6 +1181,10 @@ def plot(data: Dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3)
         if ft:
             ax.legend(fontsize=7)
+        else:  # a partial table (time limit or --groups): say so rather than draw empty axes
+            ax.text(0.5, 0.5, "not run in this table", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
     fig.suptitle(f"fidelity ({data['mode']}; {data['cpu']}; {data['date']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -828,8 +828,11 @@ def cached_result(setup: Setup, job: Job) -> Optional[Dict[str, Any]]:
     """The result of ``job`` from an earlier run with the same settings (None if there is none, or ``--fresh``)."""
     path = _job_path(setup, job)
     if setup.reuse and os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except ValueError as e:
+            raise RuntimeError(f"the cached result {path} is not valid JSON ({e}): delete it to rerun {job.name}") from e
     return None
 
 
@@ -844,8 +847,9 @@ def run_job(setup: Setup, job: Job) -> Dict[str, Any]:
     out.update(asdict(job), name=job.name, seconds=round(time.time() - t0, 1),
                cpu_seconds=round(time.process_time() - c0, 1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # complete or absent: a full disk must not leave a truncated cache entry
         json.dump(out, f)
+    os.replace(path + ".tmp", path)
     print(f"[fidelity] {job.name}: {out.get('value', '')} in {out['seconds']} s", flush=True)
     return out
 

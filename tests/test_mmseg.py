@@ -23,6 +23,7 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
 import lrpet_dense.mmseg as lm  # noqa: E402
+from conftest import seg_env  # noqa: E402  (the environment of conftest.seg_run, the uninterrupted run)
 from lrpet_dense.core import FactorizedConv2d, LRPETConfig, RankPlan  # noqa: E402
 from lrpet_dense.configs import config_path  # noqa: E402
 
@@ -32,12 +33,6 @@ FULL_CFG = Path(config_path("pspnet_r50-d8_lrpet_voc12aug-512x512.py"))
 MMSEG_TOOLS = Path(mmseg.__file__).parent / ".mim" / "tools"
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def _env(data_root: Path) -> dict:
-    env = dict(os.environ, LRPET_TOY_VOC_ROOT=str(data_root))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
 
 
 def _run(cmd, env, cwd) -> subprocess.CompletedProcess:
@@ -73,7 +68,7 @@ def train_run(seg_run) -> Path:
 @pytest.fixture(scope="module")
 def compressed(train_run, toy_data) -> tuple:
     out = train_run / "compressed.pth"
-    proc = _run([REPO / "tools" / "compress_seg.py", TOY_CFG, train_run / "iter_3.pth", out], _env(toy_data),
+    proc = _run([REPO / "tools" / "compress_seg.py", TOY_CFG, train_run / "iter_3.pth", out], seg_env(toy_data),
                 cwd=train_run)
     return out, proc.stdout
 
@@ -128,7 +123,7 @@ def test_resume_matches_uninterrupted_run(train_run, toy_data, tmp_path):
     # process the thread count can differ (pytest-xdist workers run one thread), and BN's running variance then
     # differs beyond float32 round-off after three SGD steps
     _run([MMSEG_TOOLS / "train.py", TOY_CFG, "--work-dir", tmp_path, "--resume", "--cfg-options",
-          f"load_from={train_run / 'iter_2.pth'}"], _env(toy_data), tmp_path)
+          f"load_from={train_run / 'iter_2.pth'}"], seg_env(toy_data), tmp_path)
     resumed = _load(tmp_path / "iter_3.pth")
     full = _load(train_run / "iter_3.pth")
     assert resumed["lrpet"]["projector"] == full["lrpet"]["projector"] == {"last_iter": 3, "num_projections": 2}
@@ -200,7 +195,7 @@ def test_dense_compressed_mismatch_is_an_error(compressed, train_run, toy_data):
 @pytest.mark.slow
 def test_mmseg_test_tool_runs_compressed_checkpoint(compressed, toy_data, train_run):
     path, _ = compressed
-    proc = _run([MMSEG_TOOLS / "test.py", TOY_CFG, path, "--work-dir", train_run / "test_wd"], _env(toy_data),
+    proc = _run([MMSEG_TOOLS / "test.py", TOY_CFG, path, "--work-dir", train_run / "test_wd"], seg_env(toy_data),
                 cwd=train_run)
     text = proc.stdout + proc.stderr
     assert "mIoU" in text
@@ -238,7 +233,7 @@ def test_stock_segmentor_without_lrpet_dense_shows_the_note(compressed, toy_data
     cfg = tmp_path / "plain.py"
     cfg.write_text(f"_base_ = {str(TOY_CFG)!r}\nmodel = dict(type='EncoderDecoder')\n"
                    "custom_imports = dict(_delete_=True, imports=[])\ncustom_hooks = []\n")
-    proc = _run([MMSEG_TOOLS / "test.py", cfg, path, "--work-dir", tmp_path / "wd"], _env(toy_data), cwd=tmp_path)
+    proc = _run([MMSEG_TOOLS / "test.py", cfg, path, "--work-dir", tmp_path / "wd"], seg_env(toy_data), cwd=tmp_path)
     first = re.search(r"unexpected key in source state_dict: ([^,]*),", proc.stdout + proc.stderr)
     assert first and first.group(1) == (
         "_lrpet_note: LRPET COMPRESSED CHECKPOINT - build the model with type='LRPETEncoderDecoder' "

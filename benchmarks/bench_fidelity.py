@@ -54,9 +54,12 @@ below the target MACs (the framework's counter); a chance row (every pixel backg
 reuses finished jobs of the same settings); ``--max-minutes`` stops submitting new jobs after that long, so the
 full table can take several invocations. Rows run in the issue's priority order: dense (curve), LRPET, svd-ft,
 scratch at 50%, then at 30%; ablations; levers; pruning; early-stopped LRPET; detection; the fine-tune curve.
+``--budget-options KEY=VALUE`` sets any other :class:`Budget` field (the proxy's size, classes, learning rate,
+...); the source-task pretraining is cached under its own settings only, so a change of the target reuses it.
 
     python benchmarks/bench_fidelity.py --max-minutes 88         # full run (resumable), then again to finish it
     python benchmarks/bench_fidelity.py --quick                  # one seed, the 50% cut, short budgets
+    python benchmarks/bench_fidelity.py --groups curve --budget-options lr=0.02 image_size=64   # a dense curve only
     python benchmarks/bench_fidelity.py --tiny                   # a smoke run (the test suite runs it)
     python benchmarks/bench_fidelity.py --device cuda --voc-root VOC_PARENT --seg-iters 20000 ...   # real VOC, GPU
 
@@ -79,15 +82,16 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from _common import cpu_name  # benchmarks/_common.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: Row groups in the issue's priority order (what an interrupted or time-limited run has done first).
-GROUPS = ("core50", "core30", "ablations", "levers", "prune", "early", "det", "finetune")
+#: Row groups in the issue's priority order (what an interrupted or time-limited run has done first). "curve": the
+#: dense learning curve alone (the core groups run it too: their rows start from it or are compared with it).
+GROUPS = ("curve", "core50", "core30", "ablations", "levers", "prune", "early", "det", "finetune")
 #: method -> (energy transfer, BN rectification, rank policy) of its projections
 PROJECTION = {"svd": (False, False, "uniform"), "lrp": (False, False, "uniform"), "lrp-et": (True, False, "uniform"),
               "lrpet": (True, True, "uniform"), "lrpet-energy": (True, True, "energy"),
@@ -125,6 +129,9 @@ class Budget:
     source_classes: Tuple[str, ...] = ("aeroplane", "bird", "dog", "cat")
     target_classes: Tuple[str, ...] = ("boat", "car", "person", "sheep")
     source_images: int = 160
+    source_image_size: int = 96     # the source task's image size, crop and learning rate: the pretraining's own,
+    source_crop: int = 64           # so that the target task can change and reuse it (as ImageNet weights serve any
+    source_lr: float = 0.01         # target task)
     train_images: int = 160
     test_images: int = 40
     image_size: int = 96
@@ -143,9 +150,39 @@ QUICK = Budget(seg_iters=40, seg_curve=(0.5,), det_iters=40, det_curve=(), proje
                svd_ft=(0.1,), groups=("core50", "det"), bn_batches=8, finetune_curve=(), pretrain_iters=40)
 TINY = Budget(seg_iters=4, seg_curve=(0.5,), det_iters=4, det_curve=(0.5,), projections=2, seeds=1, cuts=(0.5,),
               svd_ft=(0.5,), prune_ft=0.5, prune_steps=2, finetune_curve=(2,), projections_ft=1, bn_batches=2,
-              pretrain_iters=2, source_images=4,
+              pretrain_iters=2, source_images=4, source_image_size=64, source_crop=32,
               train_images=4, test_images=2, image_size=64, crop=32, batch=2, det_train_images=2, det_test_images=2,
               groups=tuple(g for g in GROUPS if g not in ("core30", "ablations")))  # each code path once
+
+
+def budget_options(items: Sequence[str]) -> Dict[str, Any]:
+    """``KEY=VALUE`` strings (``--budget-options``) -> :class:`Budget` field values, read as the field's type (a
+    tuple field takes comma-separated values, nothing for an empty tuple)."""
+    defaults = {f.name: getattr(FULL, f.name) for f in fields(Budget) if f.name != "groups"}
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"--budget-options takes KEY=VALUE with KEY one of {', '.join(defaults)} (--groups "
+                             f"chooses the groups); got {item!r}")
+        default = defaults[key]
+        kind = (type(default[0]) if default else str) if isinstance(default, tuple) else type(default)
+        noun = {int: "integer", float: "number"}.get(kind, "string")
+        try:
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--budget-options {key}: {text!r} is not a comma-separated list of {noun}s"
+                             if isinstance(default, tuple) else f"--budget-options {key}: {text!r} is not an {noun}"
+                             if noun == "integer" else f"--budget-options {key}: {text!r} is not a {noun}") from None
+        if any(isinstance(v, (int, float)) and not (math.isfinite(v) and v >= 0) for v in values):
+            raise ValueError(f"--budget-options {key}: values must be finite and >= 0, got {text!r}")
+        if isinstance(default, tuple):
+            out[key] = tuple(values)
+        elif len(values) == 1:
+            out[key] = values[0]
+        else:
+            raise ValueError(f"--budget-options {key}: one {noun} expected, got {text!r}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -238,24 +275,24 @@ def _seg_cfg(setup: Setup, work_dir: str, iters: int, seed: int, *, finetune: bo
 
     b = setup.budget
     os.environ["LRPET_TOY_VOC_ROOT"] = setup.source_root if source else setup.data_root
+    size, crop, base_lr = (b.source_image_size, b.source_crop, b.source_lr) if source else (b.image_size, b.crop, b.lr)
     cfg = Config.fromfile(config_path("toy/pspnet_r50-d8_lrpet_toy.py"))
     cfg.work_dir = work_dir
     cfg.experiment_name = f"{os.path.basename(work_dir)}_{os.getpid()}_{time.time_ns()}"
-    cfg.model.data_preprocessor.size = (b.crop, b.crop)
+    cfg.model.data_preprocessor.size = (crop, crop)
     cfg.model.pretrained = _pretrained_path(setup) if pretrained else None
     cfg.train_dataloader.batch_size = b.batch
     pipe = cfg.train_dataloader.dataset.pipeline
-    pipe[2] = dict(type="RandomResize", scale=(b.image_size, b.image_size), ratio_range=(0.75, 1.5), keep_ratio=True)
-    pipe[3] = dict(type="RandomCrop", crop_size=(b.crop, b.crop), cat_max_ratio=0.75)
-    cfg.test_dataloader.dataset.pipeline[1] = dict(type="Resize", scale=(b.image_size, b.image_size), keep_ratio=True)
+    pipe[2] = dict(type="RandomResize", scale=(size, size), ratio_range=(0.75, 1.5), keep_ratio=True)
+    pipe[3] = dict(type="RandomCrop", crop_size=(crop, crop), cat_max_ratio=0.75)
+    cfg.test_dataloader.dataset.pipeline[1] = dict(type="Resize", scale=(size, size), keep_ratio=True)
     cfg.val_dataloader = cfg.test_dataloader
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=10 ** 9)
     cfg.default_hooks.checkpoint = None
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=max(iters // 4, 1), log_metric_by_epoch=False)
     cfg.custom_hooks = []
     cfg.log_level = "WARNING"
-    lr = b.lr / 2 if finetune else b.lr
-    cfg.optim_wrapper.optimizer.lr = lr
+    cfg.optim_wrapper.optimizer.lr = base_lr / 2 if finetune else base_lr
     warmup = 0 if finetune else min(20, iters // 4)
     sched = [dict(type="PolyLR", eta_min=1e-4, power=0.9, begin=warmup, end=iters, by_epoch=False)]
     if warmup:
@@ -749,13 +786,14 @@ def plan_jobs(b: Budget, frameworks: Sequence[str]) -> List[Job]:
     seeds = range(b.seeds)
     T = b.seg_iters
     if "seg" in frameworks:
+        if {"curve", "core50", "core30"} & set(b.groups):
+            add(*(Job("seg", "dense", None, s, n, 0, "curve") for n in [share_of(T, f) for f in b.seg_curve] + [T]
+                  for s in seeds))
         for cut in b.cuts:
             group = "core50" if cut == max(b.cuts) else "core30"
             if group not in b.groups:
                 continue
             starts = sorted({T - share_of(T, f) for f in b.svd_ft})
-            add(*(Job("seg", "dense", None, s, n, 0, group) for n in [share_of(T, f) for f in b.seg_curve] + [T]
-                  for s in seeds))
             add(*(Job("seg", "lrpet", cut, s, T, 0, group) for s in seeds))
             add(*(Job("seg", "svd-ft", cut, s, T - n, n, group) for n in starts for s in seeds))
             add(*(Job("seg", "scratch", cut, s, T, 0, group) for s in seeds))
@@ -810,18 +848,28 @@ def _init_worker(setup: Setup) -> None:
     import lrpet_dense.mmseg  # noqa: F401  (registers the hook and model type)
 
 
-def _settings_key(b: Budget, fw: str) -> str:
-    """The settings a framework's jobs depend on: a job is reused only when they are unchanged."""
-    keep = ("seg_iters", "projections", "rank_warmup", "prune_steps", "projections_ft", "bn_batches", "pretrain_iters",
-            "source_classes", "target_classes", "source_images", "train_images", "test_images", "image_size", "crop",
-            "batch", "lr") if fw == "seg" else \
-        ("det_iters", "projections", "bn_batches", "det_train_images", "det_test_images", "det_image_size", "det_lr")
+#: the settings the source-task pretraining depends on (every segmentation row starts from it)
+_SOURCE_SETTINGS = ("pretrain_iters", "source_classes", "source_images", "source_image_size", "source_crop",
+                    "source_lr", "batch", "test_images")
+
+
+def _settings_key(b: Budget, job: Job) -> str:
+    """The settings ``job`` depends on: a job is reused only when they are unchanged. The source-task pretraining
+    depends on the source task's settings only (a change of the target task reuses it)."""
+    if job.fw == "det":
+        keep: Tuple[str, ...] = ("det_iters", "projections", "bn_batches", "det_train_images", "det_test_images",
+                                 "det_image_size", "det_lr")
+    elif job.method == "pretrain":
+        keep = _SOURCE_SETTINGS
+    else:
+        keep = _SOURCE_SETTINGS + ("seg_iters", "projections", "rank_warmup", "prune_steps", "projections_ft",
+                                   "bn_batches", "target_classes", "train_images", "image_size", "crop", "lr")
     data = {k: getattr(b, k) for k in keep}
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _job_path(setup: Setup, job: Job) -> str:
-    return os.path.join(setup.out, "jobs", f"{job.name}_{_settings_key(setup.budget, job.fw)}.json")
+    return os.path.join(setup.out, "jobs", f"{job.name}_{_settings_key(setup.budget, job)}.json")
 
 
 def cached_result(setup: Setup, job: Job) -> Optional[Dict[str, Any]]:
@@ -1241,11 +1289,12 @@ def make_setup(budget: Budget, out: str, frameworks: Sequence[str] = ("seg", "de
                 f"{', '.join(budget.target_classes)}: {budget.train_images} train / {budget.test_images} test images of "
                 f"{budget.image_size} px, {budget.crop} px crops, batch {budget.batch}")
         if budget.pretrain_iters:
-            make_proxy_voc(source_root, budget.source_images, budget.test_images, budget.image_size, seed=1,
+            make_proxy_voc(source_root, budget.source_images, budget.test_images, budget.source_image_size, seed=1,
                            classes=budget.source_classes)
             task += (f"; every row but 'scratch' starts from a backbone pretrained for {budget.pretrain_iters} "
                      f"iterations on a source task (the stand-in for ImageNet weights: the classes "
-                     f"{', '.join(budget.source_classes)}, other images, {budget.source_images} train images)")
+                     f"{', '.join(budget.source_classes)}, other images, {budget.source_images} train images of "
+                     f"{budget.source_image_size} px, {budget.source_crop} px crops, learning rate {budget.source_lr:g})")
     if "det" in frameworks and "det" in budget.groups:
         make_toy_voc(det_root, budget.det_train_images, budget.det_test_images, budget.det_image_size,
                      max_objects=2, object_size=(0.3, 0.6), noise=6)
@@ -1276,10 +1325,17 @@ def main(argv=None) -> int:
     p.add_argument("--det-iters", type=int, default=None, help="T of the detection rows")
     p.add_argument("--pretrain-iters", type=int, default=None, help="source-task pretraining of the segmentation "
                    "backbone (0: every row from random initialisation; with --voc-root use real pretrained weights)")
+    p.add_argument("--budget-options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="other settings of the mode's Budget (e.g. image_size=64 crop=48 lr=0.02 "
+                   "target_classes=car,person seg_curve=0.5); the flags above take precedence")
     p.add_argument("--fresh", action="store_true", help="rerun jobs whose results are already in OUT/jobs")
     args = p.parse_args(argv)
 
     budget = TINY if args.tiny else QUICK if args.quick else FULL
+    try:
+        budget = replace(budget, **budget_options(args.budget_options))
+    except ValueError as e:
+        p.error(str(e))
     changes = {k: getattr(args, k) for k in ("seeds", "seg_iters", "det_iters", "pretrain_iters")
                if getattr(args, k) is not None}
     if args.groups:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,7 @@ def test_search_bench_tiny(fidelity_tiny, tmp_path):
     assert set(data["results"]) == {"seg_dense_dense_s0_0+4", lrpet.name, plan.name}
     assert plan.name.startswith(lrpet.name + "_o")
     assert data["results"][plan.name]["plan_cut"] == pytest.approx(1 - data["best"]["size"], abs=1e-12)
-    key = bf._settings_key(bf.TINY, "seg")
+    key = bf._settings_key(bf.TINY, lrpet)
     assert all((fout / "jobs" / f"{name}_{key}.json").is_file() for name in data["results"])
 
 
@@ -211,3 +212,43 @@ def test_every_equal_training_row_trains_T_iterations_in_all():
     # the priority order: the 50% core rows before anything else
     first = [j.group for j in jobs]
     assert first.index("core30") > max(i for i, g in enumerate(first) if g == "core50")
+
+
+def test_the_pretraining_is_reused_when_only_the_target_task_changes():
+    pre, row = bf.Job("seg", "pretrain", None, 0, 1000), bf.Job("seg", "dense", None, 0, 300)
+    target = replace(bf.FULL, image_size=64, crop=48, lr=0.02, train_images=80, seg_iters=600,
+                     target_classes=("car", "person"))
+    assert bf._settings_key(target, pre) == bf._settings_key(bf.FULL, pre)
+    assert bf._settings_key(target, row) != bf._settings_key(bf.FULL, row)
+    for change in (dict(source_image_size=64), dict(source_crop=48), dict(source_lr=0.02), dict(pretrain_iters=500),
+                   dict(source_images=80), dict(batch=8)):  # another pretraining: every segmentation row with it
+        other = replace(bf.FULL, **change)
+        assert bf._settings_key(other, pre) != bf._settings_key(bf.FULL, pre), change
+        assert bf._settings_key(other, row) != bf._settings_key(bf.FULL, row), change
+    det = bf.Job("det", "dense", None, 0, 300)
+    assert bf._settings_key(target, det) == bf._settings_key(bf.FULL, det)
+
+
+def test_budget_options_are_read_as_the_fields_types():
+    got = bf.budget_options(["image_size=64", "lr=0.02", "target_classes=car, person", "seg_curve=0.25,0.5",
+                             "finetune_curve="])
+    assert got == dict(image_size=64, lr=0.02, target_classes=("car", "person"), seg_curve=(0.25, 0.5),
+                       finetune_curve=())
+    assert bf.budget_options(["lr=1"]) == dict(lr=1.0) and isinstance(bf.budget_options(["lr=1"])["lr"], float)
+    for bad, match in (("image_size=0.5", "not an integer"), ("crop", "KEY=VALUE"), ("colour=red", "KEY one of"),
+                       ("groups=core50", "--groups"), ("seg_curve=a", "list of numbers"), ("lr=-1", ">= 0"),
+                       ("lr=nan", "finite"), ("image_size=64,96", "one integer")):
+        with pytest.raises(ValueError, match=match):
+            bf.budget_options([bad])
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_fidelity.py"), "--tiny",
+                           "--budget-options", "crop=x"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "crop: 'x' is not an integer" in proc.stderr
+
+
+def test_the_curve_group_is_the_dense_learning_curve_alone():
+    b = replace(bf.FULL, groups=("curve",), seg_curve=(0.5,))
+    jobs = bf.plan_jobs(b, ["seg", "det"])
+    assert [j.name for j in jobs] == ["seg_pretrain_dense_s0_0+1000"] + [
+        f"seg_dense_dense_s{s}_0+{n}" for n in (150, 300) for s in range(3)]
+    core = bf.plan_jobs(replace(bf.FULL, groups=("core30",)), ["seg"])  # a core group runs the curve it needs
+    assert {j.name for j in jobs} < {j.name for j in core}

@@ -1,8 +1,11 @@
-"""What the benchmark scripts share: the CPU's name for the figures, a plain-text table, the JSON output."""
+"""What the benchmark scripts share: the CPU's name for the figures, the command line they record, a plain-text
+table, the JSON output."""
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shlex
 from typing import Any, Optional, Sequence
 
 
@@ -16,6 +19,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def command_line(script: str, argv: Sequence[str]) -> str:
+    """The command that produced a result file, as a reader can type it: paths inside the repository relative to
+    it, other absolute paths (this machine's folders, meaningless elsewhere) as ``PATH``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def shown(arg: str) -> str:
+        if not os.path.isabs(arg):
+            return arg
+        rel = os.path.relpath(arg, root)
+        return "PATH" if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+    return " ".join(["python", f"benchmarks/{script}", *(shlex.quote(shown(a)) for a in argv)])
 
 
 def text_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -85,7 +85,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from _common import cpu_name  # benchmarks/_common.py
+from _common import command_line, cpu_name  # benchmarks/_common.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,9 +171,9 @@ def budget_options(items: Sequence[str]) -> Dict[str, Any]:
         try:
             values = [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise ValueError(f"--budget-options {key}: {text!r} is not a comma-separated list of {noun}s"
-                             if isinstance(default, tuple) else f"--budget-options {key}: {text!r} is not an {noun}"
-                             if noun == "integer" else f"--budget-options {key}: {text!r} is not a {noun}") from None
+            what = f"a comma-separated list of {noun}s" if isinstance(default, tuple) else \
+                f"{'an' if noun == 'integer' else 'a'} {noun}"
+            raise ValueError(f"--budget-options {key}: {text!r} is not {what}") from None
         if any(isinstance(v, (int, float)) and not (math.isfinite(v) and v >= 0) for v in values):
             raise ValueError(f"--budget-options {key}: values must be finite and >= 0, got {text!r}")
         if isinstance(default, tuple):
@@ -1356,7 +1356,7 @@ def main(argv=None) -> int:
     missing = [j.name for j in jobs if j not in done]
     data = {"mode": mode, "date": datetime.date.today().isoformat(), "cpu": cpu_name(), "threads": args.threads,
             "workers": args.workers, "device": args.device, "torch": torch.__version__, "commit": _commit(),
-            "command": " ".join(["python", "benchmarks/bench_fidelity.py", *(argv if argv is not None else sys.argv[1:])]),
+            "command": command_line("bench_fidelity.py", argv if argv is not None else sys.argv[1:]),
             "task": task, "budget": asdict(budget), "wall_minutes": (time.time() - t0) / 60,
             "job_minutes": sum(r.get("seconds", 0) for r in results.values()) / 60,
             "cpu_hours": sum(r.get("cpu_seconds", 0) for r in results.values()) / 3600,

@@ -52,7 +52,7 @@ from typing import Any, Dict, List, Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_fidelity as fid  # noqa: E402  (the fidelity protocol, its budget, jobs and job cache)
-from _common import cpu_name  # noqa: E402
+from _common import command_line, cpu_name  # noqa: E402
 
 ROOT = fid.ROOT
 MODES = {"tiny": fid.TINY, "quick": fid.QUICK, "full": fid.FULL}
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     states = [t["state"] for t in summary["trials"]]
     data = {"mode": mode, "date": datetime.date.today().isoformat(), "cpu": cpu_name(), "torch": torch.__version__,
             "commit": fid._commit(), "threads": setup.threads, "workers": args.workers,
-            "command": " ".join(["python", "benchmarks/bench_search.py", *argv]), "task": task,
+            "command": command_line("bench_search.py", argv), "task": task,
             "budget": asdict(budget), "cut": args.cut, "seeds": seeds, "wall_minutes": (time.time() - t0) / 60,
             "search": {"trials": args.trials, "trial_iters": args.trial_iters, "startup_trials": args.startup_trials,
                        "range": [low, high], "max_size": max_size, "single_ratio": single.ratio,

@@ -252,3 +252,11 @@ def test_the_curve_group_is_the_dense_learning_curve_alone():
         f"seg_dense_dense_s{s}_0+{n}" for n in (150, 300) for s in range(3)]
     core = bf.plan_jobs(replace(bf.FULL, groups=("core30",)), ["seg"])  # a core group runs the curve it needs
     assert {j.name for j in jobs} < {j.name for j in core}
+
+
+def test_the_recorded_command_names_no_folder_of_this_machine():
+    from _common import command_line  # benchmarks/_common.py
+
+    argv = ["--out", "/somewhere/else/out", "--voc-root", str(REPO / "data" / "voc"), "--groups", "core50", "a b"]
+    assert command_line("bench_fidelity.py", argv) == (
+        "python benchmarks/bench_fidelity.py --out PATH --voc-root data/voc --groups core50 'a b'")

@@ -230,6 +230,7 @@ D2_OPTS = [
     "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "160", "INPUT.MIN_SIZE_TEST", "96",
     "MODEL.RPN.POST_NMS_TOPK_TRAIN", "16", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(D2_MAX_ITER), "LRPET.INTERVAL", str(D2_INTERVAL),
+    "LRPET.PRECISE_BN_ITERS", "2",  # no PreciseBN hook here: the LRPET hook recomputes BN (DDP-averaged)
 ]
 
 
@@ -379,7 +380,7 @@ val_evaluator = None
 param_scheduler = [dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=4, by_epoch=False)]
 default_hooks = dict(checkpoint=dict(interval=100, save_last=False))
 custom_hooks = [
-    dict(type='LRPETHook', ratio=0.5, include=['backbone.*'], interval=2),
+    dict(type='LRPETHook', ratio=0.5, include=['backbone.*'], interval=2, precise_bn_iters=2),
     dict(type='RankCheckHook', out={out!r}),
 ]
 '''

@@ -66,5 +66,6 @@ custom_hooks = [
         include=['backbone.*'],
         interval=2,  # projections after iteration 2 and after the last (3)
         energy_transfer=True,
-        bn_rectification=True),
+        bn_rectification=True,
+        precise_bn_iters=2),  # BN statistics recomputed on 2 training batches after the last projection
 ]

@@ -27,5 +27,6 @@ custom_hooks = [
         include=['backbone.*'],
         interval=interval,
         energy_transfer=True,
-        bn_rectification=True),
+        bn_rectification=True,
+        precise_bn_iters=10),  # BN statistics recomputed on 10 training batches after the last projection
 ]

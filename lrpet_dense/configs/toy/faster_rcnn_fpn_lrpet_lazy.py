@@ -49,4 +49,5 @@ train.update(output_dir="./output/toy_fpn_lrpet_lazy", init_checkpoint="", max_i
              device="cpu", seed=0, log_period=5, checkpointer=dict(period=10, max_to_keep=100))
 
 # LRPETConfig's fields (docs/detectron2.md): the LRPET options of this run.
-lrpet = dict(ratio=0.5, interval=5, plan_input_size=(128, 128))
+# BN statistics recomputed on 2 training batches after the last projection (the default, 200, is for real runs).
+lrpet = dict(ratio=0.5, interval=5, plan_input_size=(128, 128), precise_bn_iters=2)

@@ -13,7 +13,8 @@ weights; here the segmentation rows (all but ``scratch``) start from a backbone 
 **1. Converged reference.** The dense model is trained for several budgets (``--seg-iters`` T times
 ``seg_curve``: 0.5, 0.7, 0.9 and 1; three seeds each; 0.7 and 0.9 are also svd-ft's starting points), every
 budget with its own complete schedule (linear warm-up, poly decay to 1e-4). T counts as converged when the last doubling (T/2 -> T) gains less than one
-standard error of the T runs; the check is printed and fails otherwise.
+standard error of the T runs and that standard error is at most ``CONVERGED_MAX_SE`` (1 point: the goals' resolution;
+a wider seed spread would let any curve pass); the check is printed and fails otherwise.
 
 **2. Equal total training (the headline table).** Every row trains T iterations in all, with the same data,
 schedule family, MAC cut (one ratio solved by the core for the cut, counted by the framework's counter) and
@@ -91,6 +92,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Row groups in the issue's priority order (what an interrupted or time-limited run has done first). "curve": the
 #: dense learning curve alone (the core groups run it too: their rows start from it or are compared with it).
+# The convergence check's largest standard error of the dense T runs (metric points): with a wider seed spread a
+# doubling's gain is below one standard error whatever the curve does.
+CONVERGED_MAX_SE = 1.0
 GROUPS = ("curve", "core50", "core30", "ablations", "levers", "prune", "early", "det", "finetune")
 #: method -> (energy transfer, BN rectification, rank policy) of its projections
 PROJECTION = {"svd": (False, False, "uniform"), "lrp": (False, False, "uniform"), "lrp-et": (True, False, "uniform"),
@@ -1039,8 +1043,9 @@ def _checks(results, b: Budget, rows, curves, chance) -> List[Dict[str, Any]]:
             gain = at[T]["mean"] - half["mean"]
             se = at[T]["se"]
             checks.append({"fw": fw, "check": f"dense converged: the last doubling ({half['iters']} -> {T} iterations) "
-                           "gains less than one standard error of the T runs", "gain": gain, "se": se,
-                           "ok": None if math.isnan(se) else bool(gain < se)})
+                           f"gains less than one standard error of the T runs, itself at most {CONVERGED_MAX_SE:g} point",
+                           "gain": gain, "se": se,
+                           "ok": None if math.isnan(se) else bool(gain < se <= CONVERGED_MAX_SE)})
     for r in (x for x in results.values() if x["method"] == "validate"):
         for what in ("dense", "compressed"):
             v = r.get(what)

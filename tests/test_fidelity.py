@@ -134,6 +134,11 @@ def test_convergence_check_passes_only_on_a_flat_curve():
     assert _check(bf.summarise(flat, B, {}), "dense converged") is True
     rising = _results(_r("seg", "dense", [28.0, 28.4, 27.8], iters=5), _r("seg", "dense", [30.1, 30.5, 29.9]))
     assert _check(bf.summarise(rising, B, {}), "dense converged") is False
+    # a seed spread so wide that a large gain is below one standard error shows nothing: not converged
+    noisy = _results(_r("seg", "dense", [20.0, 40.0, 30.0], iters=5), _r("seg", "dense", [15.0, 45.0, 42.0]))
+    summary = bf.summarise(noisy, B, {})
+    check = next(c for c in summary["checks"] if "dense converged" in c["check"])
+    assert check["gain"] < check["se"] and check["se"] > bf.CONVERGED_MAX_SE and check["ok"] is False
 
 
 def test_dense_finetuned_check_and_macs_checks_can_fail():

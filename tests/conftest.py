@@ -19,12 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config) -> None:
     """Under pytest-xdist (the README's test command runs two workers), each worker's own torch computations get
-    an equal share of the cores instead of all of them (2 workers x 2 threads on 2 cores ran slower)."""
+    an equal share of the cores instead of all of them (2 workers x 2 threads on 2 cores ran slower), and so do
+    the tools, trainings and benchmarks the tests start as subprocesses (OMP_NUM_THREADS, unless already set)."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+        share = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(share)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
 # -- detectron2 -----------------------------------------------------------------------------------
 D2_TOY_CFG = Path(config_path("toy/faster_rcnn_lrpet_toy.yaml"))

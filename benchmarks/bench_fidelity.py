@@ -90,11 +90,11 @@ from _common import command_line, cpu_name  # benchmarks/_common.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: The convergence check's largest standard error of the dense T runs (metric points): with a wider seed spread a
+#: doubling's gain is below one standard error whatever the curve does.
+CONVERGED_MAX_SE = 1.0
 #: Row groups in the issue's priority order (what an interrupted or time-limited run has done first). "curve": the
 #: dense learning curve alone (the core groups run it too: their rows start from it or are compared with it).
-# The convergence check's largest standard error of the dense T runs (metric points): with a wider seed spread a
-# doubling's gain is below one standard error whatever the curve does.
-CONVERGED_MAX_SE = 1.0
 GROUPS = ("curve", "core50", "core30", "ablations", "levers", "prune", "early", "det", "finetune")
 #: method -> (energy transfer, BN rectification, rank policy) of its projections
 PROJECTION = {"svd": (False, False, "uniform"), "lrp": (False, False, "uniform"), "lrp-et": (True, False, "uniform"),

@@ -13,7 +13,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import D2_TINY, D2_TOY_CFG, REPO, SEG_TOY_CFG, mmseg_tools, run_tool, seg_env
+from conftest import D2_TINY, D2_TOY_CFG, REPO, SEG_TOY_CFG, mmseg_tools, module_temp, run_tool, seg_env
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -26,11 +26,11 @@ def _run(args, env, cwd):
 
 # =============================================================================== mmseg
 @pytest.fixture(scope="module")
-def seg_stock_ckpt(seg_toy_data, tmp_path_factory):
+def seg_stock_ckpt(seg_toy_data, tmp_path_factory, request):
     """A checkpoint written by mmseg's tools/train.py with a config that imports nothing of ours (stock
     ``EncoderDecoder``, no custom hooks): message hub with ``HistoryBuffer``s, numpy values in meta."""
     pytest.importorskip("mmseg")
-    wd = tmp_path_factory.mktemp("seg_stock")
+    wd = module_temp(request, tmp_path_factory, "seg_stock")
     cfg = wd / "stock.py"
     cfg.write_text(f"_base_ = {str(SEG_TOY_CFG)!r}\ncustom_imports = dict(imports=[], allow_failed_imports=False)\n"
                    "custom_hooks = []\nmodel = dict(type='EncoderDecoder')\n"
@@ -115,9 +115,9 @@ trainer.train()
 
 
 @pytest.fixture(scope="module")
-def d2_stock_ckpt(d2_toy_voc, tmp_path_factory):
+def d2_stock_ckpt(d2_toy_voc, tmp_path_factory, request):
     pytest.importorskip("detectron2")
-    out = tmp_path_factory.mktemp("d2_stock")
+    out = module_temp(request, tmp_path_factory, "d2_stock")
     script = out / "stock_train.py"
     script.write_text(_STOCK_TRAIN)
     env = dict(os.environ, LRPET_TOY_VOC=d2_toy_voc, PYTHONPATH=str(REPO))

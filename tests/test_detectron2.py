@@ -37,7 +37,7 @@ from lrpet_dense.detectron2 import default_plan_hw  # noqa: E402
 # The settings and the uninterrupted run are shared with tests/test_faults.py (tests/conftest.py).
 from conftest import D2_TINY as TINY  # noqa: E402
 from conftest import D2_TOY_CFG as TOY_CFG  # noqa: E402
-from conftest import REPO, d2_train, macs_cut, run_tool  # noqa: E402
+from conftest import REPO, d2_train, macs_cut, module_temp, run_tool  # noqa: E402
 from lrpet_dense.configs import config_path  # noqa: E402
 
 PROJECTED_AT = [2, 4, 5]  # every INTERVAL steps, and after the last step
@@ -92,9 +92,9 @@ def run_a(d2_run):
 
 
 @pytest.fixture(scope="module")
-def compressed(run_a, tmp_path_factory):
+def compressed(run_a, tmp_path_factory, request):
     out, _ = run_a
-    path = tmp_path_factory.mktemp("compressed") / "model_compressed.pth"
+    path = module_temp(request, tmp_path_factory, "compressed") / "model_compressed.pth"
     text = run_tool(["tools/compress_det.py", "--config", str(TOY_CFG), "--checkpoint", str(out / "model_final.pth"),
                      "--output", str(path), *TINY])
     return path, text

@@ -19,12 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_fidelity as bf  # noqa: E402
+from conftest import module_temp  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def fidelity_tiny(tmp_path_factory) -> Path:
+def fidelity_tiny(tmp_path_factory, request) -> Path:
     """One ``bench_fidelity.py --tiny`` run (its folder): checked below, and the job cache the search bench reuses."""
-    out = tmp_path_factory.mktemp("fid")
+    out = module_temp(request, tmp_path_factory, "fid")
     proc = subprocess.run([sys.executable, "benchmarks/bench_fidelity.py", "--tiny", "--workers", "2", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=1450)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

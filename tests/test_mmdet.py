@@ -29,6 +29,7 @@ import lrpet_dense.mmdet as ld  # noqa: E402
 from lrpet_dense.configs import config_path  # noqa: E402
 from lrpet_dense.core import FactorizedConv2d, LRPETConfig, RankPlan, compare_outputs  # noqa: E402
 from lrpet_dense.core.verify import float64_copy  # noqa: E402
+from conftest import module_temp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FRCNN_TOY = Path(config_path("toy/faster-rcnn_r50_fpn_lrpet_toy.py"))
@@ -85,21 +86,21 @@ def toy_data(tmp_path_factory) -> Path:
     return root
 
 
-def _train(config: Path, toy_data: Path, tmp_path_factory, name: str) -> Path:
-    wd = tmp_path_factory.mktemp(name)
+def _train(config: Path, toy_data: Path, tmp_path_factory, request, name: str) -> Path:
+    wd = module_temp(request, tmp_path_factory, name)
     _run([MMDET_TOOLS / "train.py", config, "--work-dir", wd], toy_data, wd)
     return wd
 
 
 @pytest.fixture(scope="module")
-def frcnn_run(toy_data, tmp_path_factory) -> Path:
+def frcnn_run(toy_data, tmp_path_factory, request) -> Path:
     """mmdet's own tools/train.py on the toy Faster R-CNN config, unchanged: 3 iterations, projections at 2 and 3."""
-    return _train(FRCNN_TOY, toy_data, tmp_path_factory, "frcnn")
+    return _train(FRCNN_TOY, toy_data, tmp_path_factory, request, "frcnn")
 
 
 @pytest.fixture(scope="module")
-def retina_run(toy_data, tmp_path_factory) -> Path:
-    return _train(RETINA_TOY, toy_data, tmp_path_factory, "retina")
+def retina_run(toy_data, tmp_path_factory, request) -> Path:
+    return _train(RETINA_TOY, toy_data, tmp_path_factory, request, "retina")
 
 
 def _compress(config: Path, run: Path, toy_data: Path) -> tuple:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import D2_TINY, D2_TOY_CFG, SEG_TOY_CFG, run_tool
+from conftest import D2_TINY, D2_TOY_CFG, SEG_TOY_CFG, module_temp, run_tool
 from lrpet_dense.core import LRPETConfig, RankPlan, build_rank_plan
 from lrpet_dense.core.rank import LayerSpec
 from lrpet_dense.report import (MAX_QUARTILE_RATIO, RunMeasurer, SpeedUp, judge_speedup, load_projection_history, measure_latency_pair,
@@ -349,10 +349,10 @@ def test_spectra_layers_spread():
 
 # -- detectron2 -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def d2_report(d2_run, d2_toy_voc, tmp_path_factory):
+def d2_report(d2_run, d2_toy_voc, tmp_path_factory, request):
     pytest.importorskip("detectron2")
     out, _ = d2_run
-    work = tmp_path_factory.mktemp("d2_report")
+    work = module_temp(request, tmp_path_factory, "d2_report")
     compressed = work / "model_compressed.pth"
     env = {"LRPET_TOY_VOC": d2_toy_voc}
     run_tool(["-m", "lrpet_dense", "compress", "det", "--config", D2_TOY_CFG, "--checkpoint", out / "model_final.pth",
@@ -431,9 +431,9 @@ def _check_latency(data):
 
 # -- mmseg ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def seg_report(seg_run, seg_toy_data, tmp_path_factory):
+def seg_report(seg_run, seg_toy_data, tmp_path_factory, request):
     pytest.importorskip("mmseg")
-    work = tmp_path_factory.mktemp("seg_report")
+    work = module_temp(request, tmp_path_factory, "seg_report")
     compressed = work / "compressed.pth"
     env = {"LRPET_TOY_VOC_ROOT": str(seg_toy_data)}
     run_tool(["-m", "lrpet_dense", "compress", "seg", SEG_TOY_CFG, seg_run / "iter_3.pth", compressed], env, timeout=900)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import D2_TINY, D2_TOY_CFG, REPO, SEG_TOY_CFG, macs_cut, mmseg_tools, run_tool, seg_env
+from conftest import D2_TINY, D2_TOY_CFG, REPO, SEG_TOY_CFG, macs_cut, mmseg_tools, module_temp, run_tool, seg_env
 from lrpet_dense.configs import config_path  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
@@ -50,10 +50,10 @@ def _d2_cfg(config, *opts):
 
 # =============================================================================== detectron2 R50-FPN
 @pytest.fixture(scope="module")
-def fpn_run(d2_toy_voc, tmp_path_factory):
+def fpn_run(d2_toy_voc, tmp_path_factory, request):
     """LRPET training of the toy R50-FPN (5 steps, projections at 2, 4, 5), then tools/compress_det.py."""
     pytest.importorskip("detectron2")
-    out = tmp_path_factory.mktemp("fpn_run")
+    out = module_temp(request, tmp_path_factory, "fpn_run")
     d2_train_fpn = ["tools/train_det.py", "--config", FPN_TOY_CFG, *D2_TINY, "OUTPUT_DIR", out]
     log = run_tool(d2_train_fpn, {"LRPET_TOY_VOC": d2_toy_voc})
     compressed = out / "model_compressed.pth"

@@ -37,7 +37,6 @@ def pytest_configure(config) -> None:
 # module's training runs go when its tests are done) and the session-scoped runs removed when the session passes.
 # A full disk shows as a storm of setup errors, so the free space is printed.
 SUITE_TEMP_PEAK_GB = 10
-_FREE_AT_START = pytest.StashKey[float]()
 
 
 def _temp_free_gb(config) -> tuple[Path, float]:
@@ -51,27 +50,24 @@ def _temp_free_gb(config) -> tuple[Path, float]:
 
 def pytest_report_header(config) -> str:
     root, free = _temp_free_gb(config)
-    config.stash[_FREE_AT_START] = free
     short = "" if free >= SUITE_TEMP_PEAK_GB else ": LESS than the whole suite needs, expect 'No space left' errors"
     return f"temporary folders under {root}: {free:.1f} GB free (the whole suite needs up to {SUITE_TEMP_PEAK_GB} GB){short}"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """A failed run on a short disk says so at its end (``-q`` hides the header)."""
+    """A failed run on a short disk says so at its end (``-q`` hides the header; a failed run keeps its folders)."""
     root, free = _temp_free_gb(config)
-    at_start = config.stash.get(_FREE_AT_START, free)
-    if exitstatus != 0 and (free < 1.0 or at_start < SUITE_TEMP_PEAK_GB):
-        terminalreporter.write_sep("!", f"temporary folders under {root}: {at_start:.1f} GB free at the start, {free:.2f} "
-                                   f"GB now (the whole suite needs up to {SUITE_TEMP_PEAK_GB} GB): the errors above may "
-                                   "be a full disk", red=True)
+    if exitstatus != 0 and free < SUITE_TEMP_PEAK_GB:
+        terminalreporter.write_sep("!", f"temporary folders under {root}: {free:.2f} GB free (the whole suite needs up to "
+                                   f"{SUITE_TEMP_PEAK_GB} GB): the errors above may be a full disk", red=True)
 
 
-def module_temp(request, tmp_path_factory, name: str) -> Path:
+def module_temp(request, name: str) -> Path:
     """A folder for a module-scoped fixture (``request`` is the fixture's): removed when the module's tests are done
     unless one of them failed, as pyproject's ``tmp_path_retention_policy = "failed"`` does for a test's
     ``tmp_path``, so one file's training runs do not pile up beside the next file's."""
     failed_before = request.session.testsfailed
-    folder = tmp_path_factory.mktemp(name)
+    folder = request.getfixturevalue("tmp_path_factory").mktemp(name)
 
     def tidy() -> None:
         if request.session.testsfailed == failed_before:

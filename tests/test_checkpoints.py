@@ -26,11 +26,11 @@ def _run(args, env, cwd):
 
 # =============================================================================== mmseg
 @pytest.fixture(scope="module")
-def seg_stock_ckpt(seg_toy_data, tmp_path_factory, request):
+def seg_stock_ckpt(seg_toy_data, request):
     """A checkpoint written by mmseg's tools/train.py with a config that imports nothing of ours (stock
     ``EncoderDecoder``, no custom hooks): message hub with ``HistoryBuffer``s, numpy values in meta."""
     pytest.importorskip("mmseg")
-    wd = module_temp(request, tmp_path_factory, "seg_stock")
+    wd = module_temp(request, "seg_stock")
     cfg = wd / "stock.py"
     cfg.write_text(f"_base_ = {str(SEG_TOY_CFG)!r}\ncustom_imports = dict(imports=[], allow_failed_imports=False)\n"
                    "custom_hooks = []\nmodel = dict(type='EncoderDecoder')\n"
@@ -115,9 +115,9 @@ trainer.train()
 
 
 @pytest.fixture(scope="module")
-def d2_stock_ckpt(d2_toy_voc, tmp_path_factory, request):
+def d2_stock_ckpt(d2_toy_voc, request):
     pytest.importorskip("detectron2")
-    out = module_temp(request, tmp_path_factory, "d2_stock")
+    out = module_temp(request, "d2_stock")
     script = out / "stock_train.py"
     script.write_text(_STOCK_TRAIN)
     env = dict(os.environ, LRPET_TOY_VOC=d2_toy_voc, PYTHONPATH=str(REPO))

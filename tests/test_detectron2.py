@@ -92,9 +92,9 @@ def run_a(d2_run):
 
 
 @pytest.fixture(scope="module")
-def compressed(run_a, tmp_path_factory, request):
+def compressed(run_a, request):
     out, _ = run_a
-    path = module_temp(request, tmp_path_factory, "compressed") / "model_compressed.pth"
+    path = module_temp(request, "compressed") / "model_compressed.pth"
     text = run_tool(["tools/compress_det.py", "--config", str(TOY_CFG), "--checkpoint", str(out / "model_final.pth"),
                      "--output", str(path), *TINY])
     return path, text

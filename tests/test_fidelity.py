@@ -23,9 +23,9 @@ from conftest import module_temp  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def fidelity_tiny(tmp_path_factory, request) -> Path:
+def fidelity_tiny(request) -> Path:
     """One ``bench_fidelity.py --tiny`` run (its folder): checked below, and the job cache the search bench reuses."""
-    out = module_temp(request, tmp_path_factory, "fid")
+    out = module_temp(request, "fid")
     proc = subprocess.run([sys.executable, "benchmarks/bench_fidelity.py", "--tiny", "--workers", "2", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=1450)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

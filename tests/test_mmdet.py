@@ -86,21 +86,21 @@ def toy_data(tmp_path_factory) -> Path:
     return root
 
 
-def _train(config: Path, toy_data: Path, tmp_path_factory, request, name: str) -> Path:
-    wd = module_temp(request, tmp_path_factory, name)
+def _train(config: Path, toy_data: Path, request, name: str) -> Path:
+    wd = module_temp(request, name)
     _run([MMDET_TOOLS / "train.py", config, "--work-dir", wd], toy_data, wd)
     return wd
 
 
 @pytest.fixture(scope="module")
-def frcnn_run(toy_data, tmp_path_factory, request) -> Path:
+def frcnn_run(toy_data, request) -> Path:
     """mmdet's own tools/train.py on the toy Faster R-CNN config, unchanged: 3 iterations, projections at 2 and 3."""
-    return _train(FRCNN_TOY, toy_data, tmp_path_factory, request, "frcnn")
+    return _train(FRCNN_TOY, toy_data, request, "frcnn")
 
 
 @pytest.fixture(scope="module")
-def retina_run(toy_data, tmp_path_factory, request) -> Path:
-    return _train(RETINA_TOY, toy_data, tmp_path_factory, request, "retina")
+def retina_run(toy_data, request) -> Path:
+    return _train(RETINA_TOY, toy_data, request, "retina")
 
 
 def _compress(config: Path, run: Path, toy_data: Path) -> tuple:

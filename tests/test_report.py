@@ -349,10 +349,10 @@ def test_spectra_layers_spread():
 
 # -- detectron2 -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def d2_report(d2_run, d2_toy_voc, tmp_path_factory, request):
+def d2_report(d2_run, d2_toy_voc, request):
     pytest.importorskip("detectron2")
     out, _ = d2_run
-    work = module_temp(request, tmp_path_factory, "d2_report")
+    work = module_temp(request, "d2_report")
     compressed = work / "model_compressed.pth"
     env = {"LRPET_TOY_VOC": d2_toy_voc}
     run_tool(["-m", "lrpet_dense", "compress", "det", "--config", D2_TOY_CFG, "--checkpoint", out / "model_final.pth",
@@ -431,9 +431,9 @@ def _check_latency(data):
 
 # -- mmseg ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def seg_report(seg_run, seg_toy_data, tmp_path_factory, request):
+def seg_report(seg_run, seg_toy_data, request):
     pytest.importorskip("mmseg")
-    work = module_temp(request, tmp_path_factory, "seg_report")
+    work = module_temp(request, "seg_report")
     compressed = work / "compressed.pth"
     env = {"LRPET_TOY_VOC_ROOT": str(seg_toy_data)}
     run_tool(["-m", "lrpet_dense", "compress", "seg", SEG_TOY_CFG, seg_run / "iter_3.pth", compressed], env, timeout=900)

@@ -50,10 +50,10 @@ def _d2_cfg(config, *opts):
 
 # =============================================================================== detectron2 R50-FPN
 @pytest.fixture(scope="module")
-def fpn_run(d2_toy_voc, tmp_path_factory, request):
+def fpn_run(d2_toy_voc, request):
     """LRPET training of the toy R50-FPN (5 steps, projections at 2, 4, 5), then tools/compress_det.py."""
     pytest.importorskip("detectron2")
-    out = module_temp(request, tmp_path_factory, "fpn_run")
+    out = module_temp(request, "fpn_run")
     d2_train_fpn = ["tools/train_det.py", "--config", FPN_TOY_CFG, *D2_TINY, "OUTPUT_DIR", out]
     log = run_tool(d2_train_fpn, {"LRPET_TOY_VOC": d2_toy_voc})
     compressed = out / "model_compressed.pth"
